@@ -1,0 +1,16 @@
+"""fairseq-longmem: LongMem (Wang et al., NeurIPS 2023) as a fairseq plugin.
+
+Importing this package registers with fairseq:
+
+* task ``longmem_language_modeling`` (documents as streams),
+* model ``longmem`` (arches ``longmem_tiny``, ``longmem_small``, ``longmem_gpt2_medium``),
+* model ``alibi_lm`` (the default backbone: ``alibi_lm_tiny`` .. ``alibi_lm_gpt2_medium``),
+* criterion ``longmem_cross_entropy``.
+
+Use it with ``--user-dir path/to/fairseq_longmem`` or, once installed, through
+the ``longmem-train`` / ``longmem-eval-lm`` / ``longmem-preprocess`` commands.
+"""
+
+__version__ = "0.1.0"
+
+from . import criterions, models, tasks  # noqa: F401,E402  (registration)

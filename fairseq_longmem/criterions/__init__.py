@@ -1,0 +1,1 @@
+from . import longmem_cross_entropy  # noqa: F401  (registers the criterion)

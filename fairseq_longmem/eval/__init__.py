@@ -1,0 +1,1 @@
+"""Evaluations: bucketed perplexity, chapter-break, in-context learning, report."""

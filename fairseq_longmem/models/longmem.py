@@ -1,0 +1,342 @@
+"""The LongMem language model: frozen backbone + residual side network + memory.
+
+Order of operations per segment (DESIGN.md 1.6): backbone forward (no grad)
+-> side forward, whose memory-augmented layer retrieves from what *earlier*
+segments wrote -> logits (loss outside) -> append this segment's layer-m
+keys/values to each row's memory.
+"""
+
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import (
+    FairseqDecoder,
+    FairseqLanguageModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.utils import safe_getattr
+from omegaconf import II
+from torch import Tensor
+
+from ..modules.decoder_layer import decoder_attn_bias, decoder_forward
+from ..modules.joint_attention import gate_mix, memory_attention
+from ..modules.memory_bank import MemoryConfigError, check_memory_config, resolve_dtype
+from ..modules.memory_factory import MEMORY_BACKENDS, build_memory
+from ..modules.side_network import SideNetwork
+from .backbone import (
+    BackboneError,
+    build_backbone,
+    dumps_config,
+    load_backbone,
+    loads_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LongMemConfig(FairseqDataclass):
+    pretrained_model_path: str = field(
+        default="", metadata={"help": "frozen backbone: a fairseq alibi_lm or transformer_lm checkpoint"}
+    )
+    layer_reduction_factor: int = field(
+        default=2, metadata={"help": "r: one side layer per r backbone layers"}
+    )
+    reload_ptm_layer: bool = field(
+        default=False,
+        metadata={"help": "initialise side layer i from backbone layer r*i+(r-1) (else random)"},
+    )
+    tune_lm_head: bool = field(
+        default=False, metadata={"help": "train a copy of the output projection (else frozen)"}
+    )
+    use_external_memory: bool = field(
+        default=False,
+        metadata={"help": "read and write the memory bank (without it: the no-memory ablation)"},
+    )
+    retrieval_layer_index: int = field(
+        default=17,
+        metadata={"help": "0-based backbone layer whose keys/values fill memory; side layer "
+                  "index // r reads it"},
+    )
+    memory_size: int = field(default=65536, metadata={"help": "tokens kept per stream (FIFO)"})
+    chunk_size: int = field(default=4, metadata={"help": "tokens per memory chunk"})
+    k: int = field(default=64, metadata={"help": "retrieved tokens per query and head"})
+    use_gpu_to_search: bool = field(
+        default=False,
+        metadata={"help": "faiss backends: search on the GPU (needs a faiss build with GPU "
+                  "support); the torch backend always searches on the model's device"},
+    )
+    memory_backend: ChoiceEnum(MEMORY_BACKENDS) = field(  # type: ignore
+        default="torch", metadata={"help": "retrieval backend"}
+    )
+    memory_on_cpu: bool = field(
+        default=False,
+        metadata={"help": "keep keys/values in host memory (model on GPU); only retrieved "
+                  "pairs move to the device"},
+    )
+    memory_dtype: ChoiceEnum(["auto", "fp32", "fp16", "bf16"]) = field(  # type: ignore
+        default="auto", metadata={"help": "storage dtype of the memory (auto: the model's)"}
+    )
+    memory_ivf_nlist: int = field(default=1024, metadata={"help": "faiss-ivf: inverted lists"})
+    memory_ivf_nprobe: int = field(default=32, metadata={"help": "faiss-ivf: lists probed"})
+    memory_hnsw_m: int = field(default=32, metadata={"help": "faiss-hnsw: graph degree"})
+    memory_gate_init: float = field(
+        default=0.0, metadata={"help": "initial gate logit g; sigmoid(g) is memory's share"}
+    )
+    side_dropout: Optional[float] = field(
+        default=None, metadata={"help": "dropout of the side layers (default: the backbone's)"}
+    )
+    decoder_embed_dim: Optional[int] = field(
+        default=None, metadata={"help": "expected width of the side network (= backbone's)"}
+    )
+    decoder_attention_heads: Optional[int] = field(
+        default=None, metadata={"help": "expected heads of the side network (= backbone's)"}
+    )
+    backbone_config: str = field(
+        default="",
+        metadata={"help": "filled automatically: the backbone's model config (JSON), so a "
+                  "checkpoint (which embeds the backbone's weights) rebuilds without the file"},
+    )
+    tokens_per_sample: int = II("task.tokens_per_sample")
+
+
+def check_config(cfg: LongMemConfig, backbone_decoder) -> None:
+    """Every check that needs the backbone; clear message, before training starts."""
+    layers = len(backbone_decoder.layers)
+    dim = backbone_decoder.embed_dim
+    heads = backbone_decoder.layers[0].self_attn.num_heads
+    r = cfg.layer_reduction_factor
+    if r < 1 or layers % r != 0:
+        raise BackboneError(
+            f"--layer-reduction-factor {r} does not divide the backbone's {layers} layers; "
+            f"use a divisor of {layers} (the paper uses 2)"
+        )
+    if not 0 <= cfg.retrieval_layer_index < layers:
+        raise BackboneError(
+            f"--retrieval-layer-index {cfg.retrieval_layer_index} is outside the backbone "
+            f"(layers 0..{layers - 1}); pick one in range (the paper: 17 of 24)"
+        )
+    if cfg.decoder_embed_dim is not None and cfg.decoder_embed_dim != dim:
+        raise BackboneError(
+            f"side network width {cfg.decoder_embed_dim} differs from the backbone's {dim}: "
+            f"side layers are copies of backbone layers; use an --arch preset for a d={dim} "
+            f"backbone or --decoder-embed-dim {dim}"
+        )
+    if cfg.decoder_attention_heads is not None and cfg.decoder_attention_heads != heads:
+        raise BackboneError(
+            f"side network heads {cfg.decoder_attention_heads} differ from the backbone's "
+            f"{heads}; use --decoder-attention-heads {heads}"
+        )
+    check_memory_config(cfg.memory_size, cfg.chunk_size, cfg.k)
+    limit = backbone_decoder.max_positions()
+    tps = safe_getattr(cfg, "tokens_per_sample", None)
+    if isinstance(tps, int) and limit is not None and tps > limit:
+        raise BackboneError(
+            f"--tokens-per-sample {tps} exceeds the backbone's {limit} positions; lower "
+            f"--tokens-per-sample to {limit} or pretrain the backbone on longer windows"
+        )
+
+
+class LongMemDecoder(FairseqDecoder):
+    """Backbone + side network + one memory bank per batch row, per data split."""
+
+    def __init__(self, cfg: LongMemConfig, dictionary, backbone_decoder):
+        super().__init__(dictionary)
+        check_config(cfg, backbone_decoder)
+        self.cfg = cfg
+        self.backbone = backbone_decoder
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+        self.retrieval_layer = cfg.retrieval_layer_index
+        self.side = SideNetwork(
+            backbone_decoder,
+            reduction=cfg.layer_reduction_factor,
+            memory_layer=cfg.retrieval_layer_index // cfg.layer_reduction_factor,
+            reload_ptm_layer=cfg.reload_ptm_layer,
+            gate_init=cfg.memory_gate_init,
+            tune_lm_head=cfg.tune_lm_head,
+            dropout=cfg.side_dropout,
+        )
+        self.memories: Dict[str, object] = {}
+        self.last_stats: Dict[str, Tensor] = {}
+
+    # -------------------------------------------------------------- plumbing
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: never in training mode
+        return self
+
+    def max_positions(self):
+        return self.backbone.max_positions()
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        if self.side.output_projection is not None:
+            return self.side.output_projection(features)
+        return self.backbone.output_layer(features)
+
+    def reset_memory(self, memory_key: Optional[str] = None) -> None:
+        """Forget every memory (or the one of ``memory_key``)."""
+        if memory_key is None:
+            self.memories.clear()
+        else:
+            self.memories.pop(memory_key, None)
+
+    def get_memory(self, memory_key: str, bsz: int, heads: int, head_dim: int, device, dtype):
+        bank = self.memories.get(memory_key)
+        if bank is not None and bank.num_streams != bsz:
+            logger.warning(
+                "memory %r held %d streams and now gets a batch of %d rows: starting it empty",
+                memory_key, bank.num_streams, bsz,
+            )
+            bank = None
+        if bank is None:
+            cfg = self.cfg
+            mem_dtype = dtype if cfg.memory_dtype == "auto" else resolve_dtype(cfg.memory_dtype)
+            bank = build_memory(
+                backend=str(cfg.memory_backend),
+                num_streams=bsz,
+                num_heads=heads,
+                head_dim=head_dim,
+                memory_size=cfg.memory_size,
+                chunk_size=cfg.chunk_size,
+                dtype=mem_dtype,
+                device=torch.device("cpu") if cfg.memory_on_cpu else device,
+                cfg=cfg,
+            )
+            self.memories[memory_key] = bank
+        return bank
+
+    # --------------------------------------------------------------- forward
+    def forward(
+        self,
+        prev_output_tokens: Tensor,
+        src_lengths: Optional[Tensor] = None,
+        doc_start: Optional[Tensor] = None,
+        memory_key: str = "default",
+        features_only: bool = False,
+        **unused,
+    ):
+        """prev_output_tokens ``(bsz, tgt_len)``; doc_start ``(bsz, tgt_len)`` bool:
+        True where a new document (memory scope) begins. Returns ``(logits, extra)``."""
+        tokens = prev_output_tokens
+        bsz, tgt_len = tokens.shape
+        with torch.no_grad():
+            hiddens, _, kv = decoder_forward(self.backbone, tokens, kv_layer=self.retrieval_layer)
+        bias = decoder_attn_bias(self.backbone, tgt_len, tokens.device)
+        reader = None
+        bank = None
+        if self.cfg.use_external_memory:
+            mem_k, mem_v = kv
+            bank = self.get_memory(
+                memory_key, bsz, mem_k.size(1), mem_k.size(3), tokens.device, mem_k.dtype
+            )
+            first_start, last_start, has_start = boundaries(doc_start, bsz, tgt_len, tokens.device)
+            query_mask = torch.arange(tgt_len, device=tokens.device)[None, :] < first_start[:, None]
+            reader = self._memory_reader(bank, query_mask)
+        x = self.side(hiddens, bias, memory_reader=reader)
+        if bank is not None:
+            with torch.no_grad():
+                bank.reset(has_start)
+                end = tokens.ne(self.dictionary.pad()).sum(1)
+                bank.write(mem_k, mem_v, start=last_start, end=end)
+                self.last_stats["memory_fill"] = bank.fill().float().mean()
+        extra = {"inner_states": hiddens, "memory_stats": dict(self.last_stats)}
+        if features_only:
+            return x, extra
+        return self.output_layer(x), extra
+
+    def _memory_reader(self, bank, query_mask: Tensor):
+        gate = self.side.memory_gate
+        k = self.cfg.k
+        attn_dropout = self.side.layers[self.side.memory_layer].self_attn.dropout_module.p
+
+        def read(q: Tensor, local: Tensor) -> Tensor:
+            got = bank.search(q.detach(), k, query_mask)
+            mem_out, has_memory = memory_attention(
+                q, got.keys.to(q.device), got.values.to(q.device), got.mask.to(q.device),
+                dropout_p=attn_dropout, training=self.training,
+            )
+            self.last_stats = {
+                "memory_read_frac": has_memory.float().mean().detach(),
+                "memory_gate": torch.sigmoid(gate.detach().float()).mean(),
+            }
+            return gate_mix(local, mem_out, gate, has_memory)
+
+        return read
+
+
+def boundaries(doc_start: Optional[Tensor], bsz: int, tgt_len: int, device):
+    """First/last document start per row, ``(bsz,)`` each, and whether a row has one.
+
+    Without a start, first = tgt_len (every query may read memory) and last = 0.
+    """
+    if doc_start is None:
+        z = torch.zeros(bsz, dtype=torch.long, device=device)
+        return z + tgt_len, z, torch.zeros(bsz, dtype=torch.bool, device=device)
+    ds = doc_start.to(device=device, dtype=torch.bool)
+    pos = torch.arange(tgt_len, device=device)[None, :].expand(bsz, tgt_len)
+    first = torch.where(ds, pos, torch.full_like(pos, tgt_len)).min(1).values
+    last = torch.where(ds, pos, torch.zeros_like(pos)).max(1).values
+    return first, last, ds.any(1)
+
+
+@register_model("longmem", dataclass=LongMemConfig)
+class LongMemModel(FairseqLanguageModel):
+    """LongMem (Wang et al. 2023) over a frozen fairseq LM."""
+
+    @classmethod
+    def build_model(cls, cfg: LongMemConfig, task):
+        if cfg.backbone_config:
+            backbone_cfg = loads_config(cfg.backbone_config)
+            backbone = build_backbone(backbone_cfg, task)  # weights come from our checkpoint
+        else:
+            backbone, backbone_cfg = load_backbone(cfg.pretrained_model_path, task)
+            cfg.backbone_config = dumps_config(backbone_cfg)
+            logger.info("backbone loaded from %s", cfg.pretrained_model_path)
+        decoder = LongMemDecoder(cfg, task.target_dictionary, backbone.decoder)
+        n_side = sum(p.numel() for p in decoder.side.parameters())
+        logger.info(
+            "LongMem: %d side layers over %d frozen backbone layers, memory %s "
+            "(layer %d, %d tokens, chunk %d, k %d, backend %s), %.2fM trainable parameters",
+            len(decoder.side.layers), len(backbone.decoder.layers),
+            "ON" if cfg.use_external_memory else "OFF (pass --use-external-memory)",
+            cfg.retrieval_layer_index, cfg.memory_size, cfg.chunk_size, cfg.k,
+            cfg.memory_backend, n_side / 1e6,
+        )
+        return cls(decoder)
+
+
+def _memory_preset(args, memory_size: int, chunk_size: int, k: int, layer: int, r: int = 2):
+    args.memory_size = safe_getattr(args, "memory_size", memory_size)
+    args.chunk_size = safe_getattr(args, "chunk_size", chunk_size)
+    args.k = safe_getattr(args, "k", k)
+    args.retrieval_layer_index = safe_getattr(args, "retrieval_layer_index", layer)
+    args.layer_reduction_factor = safe_getattr(args, "layer_reduction_factor", r)
+
+
+@register_model_architecture("longmem", "longmem_tiny")
+def longmem_tiny(args):
+    """Tests: over an alibi_lm_tiny backbone (4 layers, d=64): 2 side layers."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
+    _memory_preset(args, memory_size=256, chunk_size=4, k=16, layer=3)
+
+
+@register_model_architecture("longmem", "longmem_small")
+def longmem_small(args):
+    """CPU quickstart: over alibi_lm_small (4 layers, d=256): 2 side layers."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 256)
+    _memory_preset(args, memory_size=8192, chunk_size=4, k=32, layer=3)
+
+
+@register_model_architecture("longmem", "longmem_gpt2_medium")
+def longmem_gpt2_medium(args):
+    """The paper: 12 side layers d=1024 16 heads over a 24x1024 backbone."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 1024)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 16)
+    _memory_preset(args, memory_size=65536, chunk_size=4, k=64, layer=17)

@@ -1,0 +1,1 @@
+"""Memory bank, joint attention, side network: plain torch, no fairseq registration."""

@@ -1,0 +1,328 @@
+"""Per-stream chunked key/value memory (LongMem, DESIGN.md 1.3-1.4).
+
+This module does not import fairseq: it is tested and benchmarked alone.
+
+Layout (torch backend, one bank for all streams of a batch, one ring per row):
+
+* ``keys``/``values``: ``(bsz, heads, memory_size + 1, head_dim)``; slot
+  ``memory_size`` is a scratch slot that receives the writes of tokens that
+  must not be stored (before a reset point, padding), so every write has a
+  static shape and needs no host synchronisation.
+* ``chunk_keys``: ``(bsz, heads, memory_size // chunk_size, head_dim)``, the
+  mean of each chunk's token keys, recomputed only for the chunks a write
+  touches (O(segment) per write, whatever the fill).
+* ``total``: ``(bsz,)`` tokens written to each row since its last reset. The
+  logical token ``i`` of a row lives in slot ``i % memory_size``. A chunk is
+  searchable once its ``chunk_size`` tokens are all written and none of them
+  has been evicted; tokens of an incomplete chunk wait for the next write.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class MemoryConfigError(ValueError):
+    """A memory configuration that cannot work (message names the fix)."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map ``fp32``/``fp16``/``bf16`` to a torch dtype, with a clear error."""
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise MemoryConfigError(
+            f"unknown memory dtype {name!r}: use one of fp32, fp16, bf16"
+        ) from None
+
+
+def check_memory_config(memory_size: int, chunk_size: int, k: int) -> None:
+    """Validate the memory knobs; raise :class:`MemoryConfigError` on bad ones."""
+    if chunk_size < 1:
+        raise MemoryConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if k < 1:
+        raise MemoryConfigError(f"--k must be >= 1, got {k}")
+    if k % chunk_size != 0:
+        raise MemoryConfigError(
+            f"--k ({k}) must be a multiple of --chunk-size ({chunk_size}): "
+            f"retrieval reads whole chunks; use e.g. --k {max(chunk_size, k - k % chunk_size)}"
+        )
+    if memory_size % chunk_size != 0:
+        raise MemoryConfigError(
+            f"--memory-size ({memory_size}) must be a multiple of --chunk-size "
+            f"({chunk_size}); use e.g. --memory-size {memory_size - memory_size % chunk_size or chunk_size}"
+        )
+    if memory_size < k:
+        raise MemoryConfigError(
+            f"--memory-size ({memory_size}) is smaller than --k ({k}): a token "
+            f"cannot retrieve more pairs than memory holds; raise --memory-size or lower --k"
+        )
+
+
+@dataclass
+class Retrieved:
+    """What a search returns, per query token and head.
+
+    keys, values: ``(bsz, heads, tgt_len, k, head_dim)``
+    mask: ``(bsz, heads, tgt_len, k)`` True where the pair is real memory
+    chunk_index: ``(bsz, heads, tgt_len, k // chunk_size)`` ring chunk slots
+    chunk_logical: same shape, logical chunk number since the row's reset
+        (-1 where invalid): lets callers check *what* was retrieved.
+    """
+
+    keys: Tensor
+    values: Tensor
+    mask: Tensor
+    chunk_index: Tensor
+    chunk_logical: Tensor
+
+
+def chunk_mean(keys: Tensor, chunk_size: int) -> Tensor:
+    """Mean key of consecutive chunks: ``(..., n * c, d) -> (..., n, d)``."""
+    *lead, n, d = keys.shape
+    return keys.reshape(*lead, n // chunk_size, chunk_size, d).float().mean(-2)
+
+
+def chunk_validity(
+    total: Tensor, num_chunks: int, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """Which ring chunk slots hold a complete, unevicted chunk.
+
+    total: ``(bsz,)`` tokens written since reset. Returns ``(valid, logical)``
+    both ``(bsz, num_chunks)``: ``valid`` bool, ``logical`` the logical chunk
+    number held by each slot (meaningful where valid).
+    """
+    memory_size = num_chunks * chunk_size
+    slots = torch.arange(num_chunks, device=total.device)
+    cur = total // chunk_size  # logical chunk being filled (or next to fill)
+    logical = cur[:, None] - torch.remainder(cur[:, None] - slots[None, :], num_chunks)
+    complete = (logical + 1) * chunk_size <= total[:, None]
+    retained = logical * chunk_size >= (total[:, None] - memory_size)
+    valid = (logical >= 0) & complete & retained
+    return valid, logical
+
+
+def topk_chunks(
+    queries: Tensor, chunk_keys: Tensor, valid: Tensor, num_chunks: int
+) -> tuple[Tensor, Tensor]:
+    """Top ``num_chunks`` chunks per query by inner product.
+
+    queries: ``(bsz, heads, tgt_len, d)``; chunk_keys: ``(bsz, heads, n, d)``;
+    valid: ``(bsz, n)`` bool. Returns ``(index, ok)`` of shape
+    ``(bsz, heads, tgt_len, num_chunks)``; ``ok`` is False where fewer valid
+    chunks than asked exist. Ties go to ``torch.topk``'s (deterministic) order.
+    """
+    scores = torch.matmul(queries.to(chunk_keys.dtype), chunk_keys.transpose(-1, -2))
+    scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
+    top = min(num_chunks, scores.size(-1))
+    values, index = scores.topk(top, dim=-1)
+    ok = torch.isfinite(values)
+    if top < num_chunks:  # memory smaller than asked: pad with invalid entries
+        pad = num_chunks - top
+        index = torch.nn.functional.pad(index, (0, pad))
+        ok = torch.nn.functional.pad(ok, (0, pad), value=False)
+    return index, ok
+
+
+def gather_chunk_tokens(store: Tensor, chunk_index: Tensor, chunk_size: int) -> Tensor:
+    """Read every token of the chosen chunks.
+
+    store: ``(bsz, heads, slots, d)`` with ``slots >= n_chunks * chunk_size``;
+    chunk_index: ``(bsz, heads, tgt_len, kc)``. Returns
+    ``(bsz, heads, tgt_len, kc * chunk_size, d)``. Uses one flat
+    ``index_select`` so no ``(.., d)``-expanded index is materialised.
+    """
+    bsz, heads, slots, d = store.shape
+    _, _, tgt_len, kc = chunk_index.shape
+    token = chunk_index.unsqueeze(-1) * chunk_size + torch.arange(
+        chunk_size, device=chunk_index.device
+    )
+    base = (torch.arange(bsz * heads, device=chunk_index.device) * slots).view(
+        bsz, heads, 1, 1, 1
+    )
+    flat = (token + base).reshape(-1)
+    out = store.reshape(bsz * heads * slots, d).index_select(0, flat)
+    return out.view(bsz, heads, tgt_len, kc * chunk_size, d)
+
+
+class MemoryBank:
+    """Exact chunked memory in torch, one ring buffer per stream (batch row).
+
+    Nothing here is differentiated: writes store detached tensors.
+    """
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        num_streams: int,
+        num_heads: int,
+        head_dim: int,
+        memory_size: int,
+        chunk_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+    ):
+        if memory_size % chunk_size != 0:
+            check_memory_config(memory_size, chunk_size, chunk_size)
+        self.num_streams = num_streams
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.memory_size = memory_size
+        self.chunk_size = chunk_size
+        self.num_chunks = memory_size // chunk_size
+        self.dtype = dtype
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        shape = (num_streams, num_heads, memory_size + 1, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.chunk_keys = torch.zeros(
+            (num_streams, num_heads, self.num_chunks, head_dim), dtype=dtype, device=device
+        )
+        self.total = torch.zeros(num_streams, dtype=torch.long, device=device)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def to(self, device) -> "MemoryBank":
+        for name in ("keys", "values", "chunk_keys", "total"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def fill(self) -> Tensor:
+        """Tokens currently retrievable or waiting in a partial chunk, ``(bsz,)``."""
+        return self.total.clamp(max=self.memory_size)
+
+    def reset(self, rows: Optional[Tensor] = None) -> None:
+        """Forget everything of the rows where ``rows`` (bool ``(bsz,)``) is True."""
+        if rows is None:
+            self.total.zero_()
+        else:
+            self.total.masked_fill_(rows.to(self.total.device), 0)
+
+    # ------------------------------------------------------------------ write
+    def write(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        start: Optional[Tensor] = None,
+        end: Optional[Tensor] = None,
+    ) -> None:
+        """Append tokens ``[start, end)`` of every row, in order.
+
+        keys, values: ``(bsz, heads, seg_len, head_dim)``; start, end: ``(bsz,)``
+        long (default: whole segment). Cost O(seg_len) whatever the fill.
+        """
+        bsz, heads, seg_len, d = keys.shape
+        self._check_shape(bsz, heads, d)
+        dev = self.device
+        keys = keys.detach().to(device=dev, dtype=self.dtype)
+        values = values.detach().to(device=dev, dtype=self.dtype)
+        if start is None:
+            start = torch.zeros(bsz, dtype=torch.long, device=dev)
+        if end is None:
+            end = torch.full((bsz,), seg_len, dtype=torch.long, device=dev)
+        start, end = start.to(dev), end.to(dev)
+        # only the last memory_size tokens of a write can survive it
+        start = torch.maximum(start, end - self.memory_size)
+        t = torch.arange(seg_len, device=dev)
+        keep = (t[None, :] >= start[:, None]) & (t[None, :] < end[:, None])
+        logical = self.total[:, None] + t[None, :] - start[:, None]
+        slot = torch.where(keep, torch.remainder(logical, self.memory_size), self.memory_size)
+        index = slot[:, None, :, None].expand(bsz, heads, seg_len, d)
+        self.keys.scatter_(2, index, keys)
+        self.values.scatter_(2, index, values)
+        before = self.total
+        self.total = self.total + (end - start).clamp(min=0)
+        self._refresh_chunk_keys(before, seg_len)
+
+    def _refresh_chunk_keys(self, before: Tensor, seg_len: int) -> None:
+        """Recompute the mean key of every chunk the last write touched."""
+        n = min(seg_len // self.chunk_size + 2, self.num_chunks)
+        first = before // self.chunk_size
+        cidx = torch.remainder(
+            first[:, None] + torch.arange(n, device=self.device)[None, :], self.num_chunks
+        )  # (bsz, n)
+        bsz, heads = self.num_streams, self.num_heads
+        ck = cidx[:, None, :, None].expand(bsz, heads, n, 1)
+        tokens = gather_chunk_tokens(self.keys, ck, self.chunk_size)  # (b,h,n,c,d)
+        means = tokens.float().mean(-2).to(self.dtype)  # (b,h,n,d)
+        self.chunk_keys.scatter_(
+            2, cidx[:, None, :, None].expand(bsz, heads, n, self.head_dim), means
+        )
+
+    # ----------------------------------------------------------------- search
+    def search(
+        self, queries: Tensor, k: int, query_mask: Optional[Tensor] = None
+    ) -> Retrieved:
+        """Token-to-chunk retrieval: top ``k // chunk_size`` chunks per query.
+
+        queries: ``(bsz, heads, tgt_len, head_dim)``; query_mask: ``(bsz, tgt_len)``
+        bool, False for queries that must see no memory (e.g. a new document).
+        """
+        bsz, heads, tgt_len, d = queries.shape
+        self._check_shape(bsz, heads, d)
+        if k % self.chunk_size != 0:
+            check_memory_config(self.memory_size, self.chunk_size, k)
+        valid, logical = chunk_validity(self.total, self.num_chunks, self.chunk_size)
+        kc = k // self.chunk_size
+        index, ok = topk_chunks(queries.to(self.device), self.chunk_keys, valid, kc)
+        mem_k = gather_chunk_tokens(self.keys, index, self.chunk_size)
+        mem_v = gather_chunk_tokens(self.values, index, self.chunk_size)
+        if query_mask is not None:
+            ok = ok & query_mask.to(self.device)[:, None, :, None]
+        chunk_logical = torch.gather(
+            logical[:, None, None, :].expand(bsz, heads, tgt_len, self.num_chunks), 3, index
+        ).masked_fill(~ok, -1)
+        mask = ok.repeat_interleave(self.chunk_size, dim=-1)
+        return Retrieved(mem_k, mem_v, mask, index, chunk_logical)
+
+    def _check_shape(self, bsz: int, heads: int, d: int) -> None:
+        if (bsz, heads, d) != (self.num_streams, self.num_heads, self.head_dim):
+            raise MemoryConfigError(
+                f"memory holds {self.num_streams} streams x {self.num_heads} heads x "
+                f"head_dim {self.head_dim}, got a batch of {bsz} x {heads} x {d}; "
+                "a memory is tied to its batch size: keep --batch-size fixed or reset the memory"
+            )
+
+
+def reference_search(
+    keys: Tensor, total: int, memory_size: int, chunk_size: int, queries: Tensor, k: int
+) -> list:
+    """Slow reference for one row: the logical chunk numbers a query retrieves.
+
+    keys: ``(heads, n_written, d)`` every key written since reset, in order;
+    queries: ``(heads, tgt_len, d)``. Returns a nested list ``[h][t] -> sorted
+    logical chunk numbers`` computed with Python loops.
+    """
+    heads, n, d = keys.shape
+    first = max(0, math.ceil((total - memory_size) / chunk_size))
+    last = total // chunk_size  # exclusive
+    out = []
+    for h in range(heads):
+        per_t = []
+        for t in range(queries.shape[1]):
+            scored = []
+            for j in range(first, last):
+                ck = keys[h, j * chunk_size : (j + 1) * chunk_size].float().mean(0)
+                scored.append((float(queries[h, t].float() @ ck), j))
+            scored.sort(key=lambda s: -s[0])
+            per_t.append(sorted(j for _, j in scored[: k // chunk_size]))
+        out.append(per_t)
+    return out

@@ -1,0 +1,1 @@
+from . import longmem_language_modeling  # noqa: F401  (registers the task)

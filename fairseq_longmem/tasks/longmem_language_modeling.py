@@ -1,0 +1,204 @@
+"""Document-stream language modelling task (DESIGN.md 3).
+
+Each batch row continues the same stream of documents from one step to the
+next, so that a row's memory holds that row's past; per row the model is told
+where a new document starts (``doc_start``). fairseq-train, validation and
+fairseq-eval-lm all read in stream order.
+"""
+
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.data import Dictionary, data_utils, iterators
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+
+from ..data.stream_dataset import DocumentStream, StreamBatches, StreamDataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LongMemLanguageModelingConfig(FairseqDataclass):
+    data: Optional[str] = field(
+        default=None, metadata={"help": "binarized data directory (dict.txt, train/valid/test)"}
+    )
+    tokens_per_sample: int = field(
+        default=1024, metadata={"help": "tokens per segment (local window) of each stream"}
+    )
+    memory_scope: ChoiceEnum(["document", "stream"]) = field(  # type: ignore
+        default="document",
+        metadata={"help": "document: reset a row's memory at every document start; "
+                  "stream: keep memory across the documents of a stream"},
+    )
+    allow_single_document: bool = field(
+        default=False,
+        metadata={"help": "accept a split without document boundaries (empty lines) as one "
+                  "document"},
+    )
+    seed: int = field(default=1, metadata={"help": "random seed"})
+
+
+@register_task("longmem_language_modeling", dataclass=LongMemLanguageModelingConfig)
+class LongMemLanguageModelingTask(FairseqTask):
+    """Streams of documents in order, with document starts, for memory-augmented LMs."""
+
+    def __init__(self, cfg: LongMemLanguageModelingConfig, dictionary: Dictionary):
+        super().__init__(cfg)
+        self.dictionary = dictionary
+
+    @classmethod
+    def setup_task(cls, cfg: LongMemLanguageModelingConfig, **kwargs):
+        if not cfg.data:
+            raise StreamDataError(
+                "no data directory given: pass the binarized data directory as the first "
+                "argument (made by preprocess/prepare_corpus.py)"
+            )
+        path = utils.split_paths(cfg.data)[0]
+        dict_path = os.path.join(path, "dict.txt")
+        if not os.path.isfile(dict_path):
+            raise StreamDataError(
+                f"no dict.txt in {path}: is it a fairseq-preprocess output directory? "
+                "run preprocess/prepare_corpus.py first"
+            )
+        dictionary = Dictionary.load(dict_path)
+        logger.info("dictionary: %d types", len(dictionary))
+        return cls(cfg, dictionary)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        paths = utils.split_paths(self.cfg.data)
+        prefix = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        try:
+            data = data_utils.load_indexed_dataset(prefix, self.dictionary, combine=combine)
+        except Exception as e:
+            raise StreamDataError(
+                f"corrupt binarized data at {prefix}.idx/.bin ({type(e).__name__}: "
+                f"{str(e)[:100]}); re-run preprocess/prepare_corpus.py"
+            ) from None
+        if data is None:
+            raise StreamDataError(
+                f"split {split!r} not found: {prefix}.bin/.idx missing; binarize it "
+                "(preprocess/prepare_corpus.py) or pick another --valid-subset/--gen-subset"
+            )
+        stream = DocumentStream.from_indexed(data, self.dictionary.eos(), name=split)
+        if len(stream.doc_starts) == 1 and len(data) > 1 and not self.cfg.allow_single_document:
+            raise StreamDataError(
+                f"split {split!r} has no document boundaries (no empty line between "
+                "documents); re-binarize with an empty line after each document "
+                "(preprocess/prepare_corpus.py), or pass --allow-single-document if it "
+                "really is one document"
+            )
+        logger.info(
+            "%s: %d documents, %d tokens", split, len(stream.doc_starts), stream.num_predictions
+        )
+        self.datasets[split] = stream
+
+    def dataset(self, split: str) -> DocumentStream:
+        if split not in self.datasets:
+            raise KeyError(f"split {split!r} is not loaded")
+        return self.datasets[split]
+
+    def stream_batches(self, dataset, bsz: int, num_shards: int = 1, shard_id: int = 0):
+        if not isinstance(dataset, DocumentStream):
+            raise StreamDataError("longmem_language_modeling batches only its own splits")
+        return StreamBatches(
+            dataset,
+            bsz=bsz,
+            tokens_per_sample=self.cfg.tokens_per_sample,
+            pad=self.dictionary.pad(),
+            num_shards=num_shards,
+            shard_id=shard_id,
+            memory_scope=str(self.cfg.memory_scope),
+            memory_key=dataset.name or "default",
+        )
+
+    def _batch_size(self, max_sentences, max_tokens) -> int:
+        if max_sentences:
+            return int(max_sentences)
+        if max_tokens:
+            return max(1, int(max_tokens) // self.cfg.tokens_per_sample)
+        return 1
+
+    def get_batch_iterator(
+        self,
+        dataset,
+        max_tokens=None,
+        max_sentences=None,
+        max_positions=None,
+        num_shards=1,
+        shard_id=0,
+        num_workers=0,
+        epoch=1,
+        data_buffer_size=0,
+        **kwargs,
+    ):
+        self._check_positions(max_positions)
+        batches = self.stream_batches(
+            dataset, self._batch_size(max_sentences, max_tokens), num_shards, shard_id
+        )
+        return iterators.EpochBatchIterator(
+            dataset=batches,
+            collate_fn=batches.collater,
+            batch_sampler=[[i] for i in range(len(batches))],
+            seed=self.cfg.seed,
+            num_shards=1,  # streams are already sharded over ranks
+            shard_id=0,
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+            disable_shuffling=True,
+        )
+
+    def eval_lm_dataloader(
+        self,
+        dataset,
+        max_tokens: Optional[int] = 36000,
+        batch_size: Optional[int] = None,
+        max_positions: Optional[int] = None,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        num_workers: int = 1,
+        data_buffer_size: int = 10,
+        context_window: int = 0,
+    ):
+        if context_window > 0:
+            raise StreamDataError(
+                "--context-window does not apply to longmem_language_modeling: segments are "
+                "read in order and earlier context comes from memory; drop --context-window"
+            )
+        return self.get_batch_iterator(
+            dataset,
+            max_tokens=max_tokens,
+            max_sentences=batch_size or 1,
+            max_positions=max_positions,
+            num_shards=num_shards,
+            shard_id=shard_id,
+            num_workers=0,
+            data_buffer_size=data_buffer_size,
+        ).next_epoch_itr(shuffle=False)
+
+    def _check_positions(self, max_positions) -> None:
+        limit = max_positions
+        if isinstance(limit, (tuple, list)):
+            limit = min(x for x in limit if x is not None) if any(limit) else None
+        if isinstance(limit, int) and self.cfg.tokens_per_sample > limit:
+            raise StreamDataError(
+                f"--tokens-per-sample {self.cfg.tokens_per_sample} exceeds the model's "
+                f"{limit} positions; lower --tokens-per-sample to {limit}"
+            )
+
+    def max_positions(self):
+        return self.cfg.tokens_per_sample
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
