@@ -25,11 +25,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from ..errors import LongMemError
 
 logger = logging.getLogger(__name__)
 
 
-class StreamDataError(ValueError):
+class StreamDataError(LongMemError):
     """Bad data for the stream task (message names the fix)."""
 
 

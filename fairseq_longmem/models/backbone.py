@@ -16,13 +16,14 @@ from typing import Any, Dict, Tuple
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from ..errors import LongMemError
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = ("alibi_lm", "transformer_lm")
 
 
-class BackboneError(ValueError):
+class BackboneError(LongMemError):
     """The backbone checkpoint cannot be used (message names the fix)."""
 
 
@@ -51,18 +52,32 @@ def read_backbone_checkpoint(path: str) -> Dict[str, Any]:
         raise BackboneError(f"backbone checkpoint is not readable: {path}; fix its permissions")
     try:
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except Exception as e:  # torch/pickle raise many kinds of errors on bad files
-        raise BackboneError(
-            f"could not read backbone checkpoint {path} ({type(e).__name__}: "
-            f"{str(e)[:120]}); the file is corrupt or not a fairseq checkpoint: "
-            "re-copy it or point --pretrained-model-path to a good one"
-        ) from None
+    except Exception as e:  # torch/pickle/fairseq raise many kinds of errors on bad files
+        raise BackboneError(_why_unreadable(path, e)) from None
     if not isinstance(state, dict) or "model" not in state or state.get("cfg") is None:
-        raise BackboneError(
-            f"{path} is not a fairseq model checkpoint (no 'model'/'cfg' entries); "
-            "point --pretrained-model-path to a checkpoint written by fairseq-train"
-        )
+        raise BackboneError(_NOT_FAIRSEQ.format(path=path))
     return state
+
+
+_NOT_FAIRSEQ = (
+    "{path} is not a fairseq model checkpoint (no 'model'/'cfg' entries); "
+    "point --pretrained-model-path to a checkpoint written by fairseq-train"
+)
+
+
+def _why_unreadable(path: str, error: Exception) -> str:
+    """Tell a readable non-fairseq file from a corrupt one (only on the error path)."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        raw = None
+    if isinstance(raw, dict) and ("model" not in raw or "cfg" not in raw):
+        return _NOT_FAIRSEQ.format(path=path)
+    return (
+        f"could not read backbone checkpoint {path} ({type(error).__name__}: "
+        f"{str(error)[:120]}); the file is corrupt or not a fairseq checkpoint: "
+        "re-copy it or point --pretrained-model-path to a good one"
+    )
 
 
 def backbone_config_from_state(state: Dict[str, Any], path: str) -> Dict[str, Any]:

@@ -236,15 +236,15 @@ class LongMemDecoder(FairseqDecoder):
             bank = self.get_memory(
                 memory_key, bsz, mem_k.size(1), mem_k.size(3), tokens.device, mem_k.dtype
             )
-            first_start, last_start, has_start = boundaries(doc_start, bsz, tgt_len, tokens.device)
-            query_mask = torch.arange(tgt_len, device=tokens.device)[None, :] < first_start[:, None]
+            query_mask, reset_rows, write_start, write_end = segment_boundaries(
+                doc_start, tokens, self.dictionary.pad()
+            )
             reader = self._memory_reader(bank, query_mask)
         x = self.side(hiddens, bias, memory_reader=reader)
         if bank is not None:
             with torch.no_grad():
-                bank.reset(has_start)
-                end = tokens.ne(self.dictionary.pad()).sum(1)
-                bank.write(mem_k, mem_v, start=last_start, end=end)
+                bank.reset(reset_rows)
+                bank.write(mem_k, mem_v, start=write_start, end=write_end)
                 self.last_stats["memory_fill"] = bank.fill().float().mean()
         extra = {"inner_states": hiddens, "memory_stats": dict(self.last_stats)}
         if features_only:
@@ -271,19 +271,29 @@ class LongMemDecoder(FairseqDecoder):
         return read
 
 
-def boundaries(doc_start: Optional[Tensor], bsz: int, tgt_len: int, device):
-    """First/last document start per row, ``(bsz,)`` each, and whether a row has one.
+def segment_boundaries(doc_start: Optional[Tensor], tokens: Tensor, pad: int):
+    """The memory protocol of one segment, per row (all ``(bsz,)`` or ``(bsz, tgt_len)``).
 
-    Without a start, first = tgt_len (every query may read memory) and last = 0.
+    doc_start ``(bsz, tgt_len)`` bool marks where a document (memory scope)
+    begins. Returns ``(query_mask, reset_rows, write_start, write_end)``:
+    queries before a row's first start may read its memory (the same
+    document); the row is reset after the forward pass if it has a start, and
+    only its tokens ``[last start, last non-pad)`` are written, so the memory
+    then holds exactly the current document's past. Padding is at the tail.
     """
+    bsz, tgt_len = tokens.shape
+    device = tokens.device
+    write_end = tokens.ne(pad).sum(1)
     if doc_start is None:
         z = torch.zeros(bsz, dtype=torch.long, device=device)
-        return z + tgt_len, z, torch.zeros(bsz, dtype=torch.bool, device=device)
+        query_mask = torch.ones(bsz, tgt_len, dtype=torch.bool, device=device)
+        return query_mask, torch.zeros(bsz, dtype=torch.bool, device=device), z, write_end
     ds = doc_start.to(device=device, dtype=torch.bool)
     pos = torch.arange(tgt_len, device=device)[None, :].expand(bsz, tgt_len)
     first = torch.where(ds, pos, torch.full_like(pos, tgt_len)).min(1).values
     last = torch.where(ds, pos, torch.zeros_like(pos)).max(1).values
-    return first, last, ds.any(1)
+    query_mask = pos < first[:, None]
+    return query_mask, ds.any(1), last, write_end
 
 
 @register_model("longmem", dataclass=LongMemConfig)

@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from ..errors import LongMemError
 
 from .joint_attention import local_attention
 
@@ -22,7 +23,7 @@ from .joint_attention import local_attention
 MemoryReader = Callable[[Tensor, Tensor], Tensor]
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(LongMemError):
     """The backbone uses a decoder-layer option this plugin does not implement."""
 
 

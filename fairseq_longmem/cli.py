@@ -1,0 +1,95 @@
+"""Console scripts: fairseq's own CLIs with the plugin registered, no ``--user-dir``.
+
+* ``longmem-train``   = ``fairseq-train`` (plugin imported)
+* ``longmem-eval-lm`` = ``fairseq-eval-lm``; with only ``--path CKPT`` it takes
+  the data directory, task and segment length from the checkpoint.
+
+Both turn the plugin's input errors into one ``error: ...`` line (exit 2)
+instead of a traceback.
+"""
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import fairseq_longmem  # noqa: F401  (registers task, models, criterion)
+
+from .errors import LongMemError
+from .modules.memory_bank import MemoryConfigError
+
+USER_ERRORS = (LongMemError, MemoryConfigError)
+try:  # the preprocess package is installed with the plugin
+    from .preprocess.documents import PreprocessError
+
+    USER_ERRORS += (PreprocessError,)
+except ImportError:  # running from a source tree without installation
+    pass
+
+logger = logging.getLogger(__name__)
+
+
+def _run(main, argv: Optional[List[str]]) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0]] + list(argv)
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(argv: Optional[List[str]] = None) -> int:
+    """``fairseq-train`` with fairseq-longmem registered."""
+    from fairseq_cli.train import cli_main
+
+    return _run(cli_main, argv)
+
+
+def _option(argv: List[str], name: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def eval_lm_args_from_checkpoint(argv: List[str]) -> List[str]:
+    """Fill DATA, --task and --tokens-per-sample from the checkpoint when absent."""
+    path = _option(argv, "--path")
+    if path is None:
+        return argv
+    if not os.path.isfile(path.split(os.pathsep)[0]):
+        raise LongMemError(f"checkpoint not found: {path}; check --path")
+    from fairseq import checkpoint_utils
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(path.split(os.pathsep)[0])
+    task = state["cfg"]["task"]
+    out = list(argv)
+    if not out or out[0].startswith("-"):
+        data = task.get("data")
+        if not data:
+            raise LongMemError(f"{path} records no data directory: pass it as first argument")
+        out = [data] + out
+    if "--task" not in out:
+        out += ["--task", task["_name"]]
+    for key in ("tokens_per_sample", "memory_scope"):
+        flag = "--" + key.replace("_", "-")
+        if task["_name"] == "longmem_language_modeling" and flag not in out and key in task:
+            out += [flag, str(task[key])]
+    return out
+
+
+def eval_lm(argv: Optional[List[str]] = None) -> int:
+    """``fairseq-eval-lm``; ``longmem-eval-lm --path ckpt.pt`` needs no other flag."""
+    from fairseq_cli.eval_lm import cli_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = eval_lm_args_from_checkpoint(argv)
+    except LongMemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _run(cli_main, argv)

@@ -1,0 +1,188 @@
+"""LongMem model: wiring, causality, isolation, reset, frozen backbone, bad input."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_longmem, setup_stream_task
+from fairseq_longmem.models.backbone import BackboneError
+from fairseq_longmem.models.longmem import segment_boundaries
+from fairseq_longmem.modules.decoder_layer import decoder_forward
+from fairseq_longmem.modules.memory_bank import MemoryConfigError
+
+
+def batches(task, split="train", bsz=3, n=4):
+    task.load_dataset(split)
+    itr = task.get_batch_iterator(task.dataset(split), max_sentences=bsz).next_epoch_itr(shuffle=False)
+    return [next(itr) for _ in range(n)]
+
+
+def run(model, samples):
+    """Logits of consecutive segments, memory carried between them."""
+    model.decoder.reset_memory()
+    with torch.no_grad():
+        return [model(**s["net_input"])[0] for s in samples]
+
+
+def test_wiring_zero_side_outputs_and_closed_gate_give_backbone_logits(tiny_backbone, tiny_data):
+    model, task = build_longmem(tiny_backbone, tiny_data, memory_gate_init=-30.0)
+    side = model.decoder.side
+    for layer in side.layers:
+        for lin in (layer.self_attn.out_proj, layer.fc2):
+            torch.nn.init.zeros_(lin.weight)
+            torch.nn.init.zeros_(lin.bias)
+    samples = batches(task, n=3)
+    got = run(model, samples)
+    for s, logits in zip(samples, got):
+        with torch.no_grad():
+            _, feats, _ = decoder_forward(model.decoder.backbone, s["net_input"]["src_tokens"])
+            ref = model.decoder.backbone.output_layer(feats)
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_side_layers_initialised_from_backbone(tiny_backbone, tiny_data):
+    model, _ = build_longmem(tiny_backbone, tiny_data)
+    bb = model.decoder.backbone
+    for i, layer in enumerate(model.decoder.side.layers):
+        src = bb.layers[2 * i + 1]
+        for (n1, p1), (n2, p2) in zip(layer.named_parameters(), src.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2)
+    fresh, _ = build_longmem(tiny_backbone, tiny_data, reload_ptm_layer=False)
+    assert not torch.equal(fresh.decoder.side.layers[0].fc1.weight, bb.layers[1].fc1.weight)
+
+
+def test_backbone_frozen_and_in_eval_mode(tiny_backbone, tiny_data):
+    model, task = build_longmem(tiny_backbone, tiny_data)
+    model.train()
+    assert not model.decoder.backbone.training
+    assert all(not p.requires_grad for p in model.decoder.backbone.parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("decoder.side.") for n in trainable)
+    s = batches(task, n=1)[0]
+    logits, _ = model(**s["net_input"])
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.decoder.backbone.parameters())
+    assert model.decoder.side.memory_gate.grad is not None
+
+
+def test_causality_within_and_across_segments(tiny_backbone, tiny_data):
+    model, task = build_longmem(tiny_backbone, tiny_data)
+    samples = batches(task, n=3)
+    base = run(model, samples)
+    t = 20
+    changed = copy.deepcopy(samples)
+    src = changed[1]["net_input"]["src_tokens"]
+    src[:, t:] = (src[:, t:] + 7) % 900 + 4
+    got = run(model, changed)
+    torch.testing.assert_close(got[0], base[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1][:, :t], base[1][:, :t], rtol=0, atol=0)
+    assert not torch.allclose(got[1][:, t:], base[1][:, t:])
+    # the changed segment reaches the next one only through memory
+    assert not torch.allclose(got[2], base[2])
+
+
+def test_isolation_between_rows(tiny_backbone, tiny_data):
+    model, task = build_longmem(tiny_backbone, tiny_data)
+    samples = batches(task, n=4)
+    base = run(model, samples)
+    changed = copy.deepcopy(samples)
+    for s in changed[:3]:  # rewrite row 1's history
+        s["net_input"]["src_tokens"][1] = (s["net_input"]["src_tokens"][1] * 3) % 900 + 4
+    got = run(model, changed)
+    for b, g in zip(base, got):
+        torch.testing.assert_close(g[[0, 2]], b[[0, 2]], rtol=0, atol=0)
+    assert not torch.allclose(got[3][1], base[3][1])
+
+
+def test_memory_is_used_and_reset_forgets(tiny_backbone, tiny_data):
+    model, task = build_longmem(tiny_backbone, tiny_data, memory_gate_init=2.0)
+    samples = batches(task, n=3)
+    with_mem = run(model, samples)
+    # a reset at the start of segment 2 (a new document in every row) ...
+    reset = copy.deepcopy(samples)
+    reset[2]["net_input"]["doc_start"][:, 0] = True
+    after_reset = run(model, reset)
+    # ... equals reading segment 2 with an empty memory
+    model.decoder.reset_memory()
+    with torch.no_grad():
+        fresh = model(**samples[2]["net_input"])[0]
+    torch.testing.assert_close(after_reset[2], fresh, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_mem[2], fresh, atol=1e-3)  # memory did change the logits
+
+
+def test_reset_inside_a_segment_only_affects_later_positions(tiny_backbone, tiny_data):
+    model, task = build_longmem(tiny_backbone, tiny_data, memory_gate_init=2.0)
+    samples = batches(task, n=3)
+    base = run(model, samples)
+    mid = copy.deepcopy(samples)
+    mid[2]["net_input"]["doc_start"][0, 10] = True
+    got = run(model, mid)
+    torch.testing.assert_close(got[2][0, :10], base[2][0, :10], rtol=0, atol=0)
+    assert not torch.allclose(got[2][0, 10:], base[2][0, 10:])
+    torch.testing.assert_close(got[2][1:], base[2][1:], rtol=0, atol=0)
+
+
+def test_segment_boundaries():
+    ds = torch.zeros(3, 8, dtype=torch.bool)
+    ds[1, 3] = True
+    ds[2, 2] = ds[2, 6] = True
+    tokens = torch.full((3, 8), 5)
+    tokens[2, 7] = 1  # pad at the tail
+    qm, reset, start, end = segment_boundaries(ds, tokens, pad=1)
+    assert qm[0].all() and qm[1].tolist() == [True] * 3 + [False] * 5
+    assert qm[2].tolist() == [True] * 2 + [False] * 6
+    assert reset.tolist() == [False, True, True]
+    assert start.tolist() == [0, 3, 6] and end.tolist() == [8, 8, 7]
+
+
+@pytest.mark.parametrize(
+    "overrides, phrase",
+    [
+        ({"retrieval_layer_index": 4}, "outside the backbone"),
+        ({"k": 6}, "multiple of --chunk-size"),
+        ({"memory_size": 66}, "--memory-size (66) must be a multiple"),
+        ({"memory_size": 4, "k": 8}, "smaller than --k"),
+        ({"decoder_embed_dim": 128}, "side network width 128 differs"),
+        ({"layer_reduction_factor": 3}, "does not divide"),
+        ({"pretrained_model_path": "/nonexistent/ckpt.pt"}, "backbone checkpoint not found"),
+    ],
+)
+def test_bad_configuration(tiny_backbone, tiny_data, overrides, phrase):
+    with pytest.raises((BackboneError, MemoryConfigError)) as err:
+        build_longmem(tiny_backbone, tiny_data, **overrides)
+    assert phrase in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_corrupt_and_foreign_checkpoints(tiny_backbone, tiny_data, tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(tiny_backbone.read_bytes()[:2000])
+    with pytest.raises(BackboneError, match="corrupt or not a fairseq checkpoint"):
+        build_longmem(bad, tiny_data)
+    # a LongMem checkpoint is not a backbone
+    state = torch.load(tiny_backbone, weights_only=False)
+    state["cfg"]["model"]["_name"] = "longmem_tiny"
+    foreign = tmp_path / "foreign.pt"
+    torch.save(state, foreign)
+    with pytest.raises(BackboneError, match="not a decoder-only transformer LM"):
+        build_longmem(foreign, tiny_data)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(BackboneError, match="not a fairseq model checkpoint"):
+        build_longmem(plain, tiny_data)
+
+
+def test_dictionary_mismatch(tiny_backbone, tiny_data, tmp_path):
+    other = tmp_path / "bin"
+    other.mkdir()
+    lines = (tiny_data / "dict.txt").read_text().splitlines()
+    (other / "dict.txt").write_text("\n".join(lines[:-10]) + "\n")
+    with pytest.raises(BackboneError, match="dictionary mismatch"):
+        build_longmem(tiny_backbone, other)
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    lines[0], lines[1] = lines[1], lines[0]
+    (swapped / "dict.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(BackboneError, match="dictionary mismatch"):
+        build_longmem(tiny_backbone, swapped)
