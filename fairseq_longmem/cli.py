@@ -40,11 +40,36 @@ def _run(main, argv: Optional[List[str]]) -> int:
     return 0
 
 
+def torchrun_args(argv: List[str], environ=os.environ) -> List[str]:
+    """Flags that put fairseq on its distributed path under ``torchrun``.
+
+    fairseq 0.12 only reads torchrun's environment when CUDA devices exist; on
+    CPU (gloo) and to be explicit on GPU, pass the rank and world size on.
+    """
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "--distributed-init-method" in argv:
+        return argv
+    local = environ.get("LOCAL_RANK", "0")
+    extra = []
+    if "--cpu" in argv and "--ddp-backend" not in argv:
+        # torch DDP with device_ids fails on CPU modules; fairseq's legacy DDP all-reduces
+        # the gradients of trainable parameters only (the frozen backbone has none)
+        extra = ["--ddp-backend", "legacy_ddp"]
+    return list(argv) + extra + [
+        "--distributed-init-method", "env://",
+        "--distributed-world-size", str(world),
+        "--distributed-rank", environ.get("RANK", "0"),
+        "--device-id", local,
+        "--distributed-no-spawn",
+    ]
+
+
 def train(argv: Optional[List[str]] = None) -> int:
-    """``fairseq-train`` with fairseq-longmem registered."""
+    """``fairseq-train`` with fairseq-longmem registered (and torchrun support on CPU)."""
     from fairseq_cli.train import cli_main
 
-    return _run(cli_main, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _run(cli_main, torchrun_args(argv))
 
 
 def _option(argv: List[str], name: str) -> Optional[str]:
@@ -93,3 +118,12 @@ def eval_lm(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return _run(cli_main, argv)
+
+
+if __name__ == "__main__":  # python -m fairseq_longmem.cli {train,eval-lm} ...
+    commands = {"train": train, "eval-lm": eval_lm}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print("usage: python -m fairseq_longmem.cli {train,eval-lm} [fairseq args]", file=sys.stderr)
+        sys.exit(2)
+    command = commands[sys.argv.pop(1)]
+    sys.exit(command())
