@@ -165,6 +165,9 @@ class LongMemDecoder(FairseqDecoder):
         )
         self.memories: Dict[str, object] = {}
         self.last_stats: Dict[str, Tensor] = {}
+        # set True to keep the last segment's retrieval (probes, tests); off in training
+        self.record_retrieval = False
+        self.last_retrieval = None
 
     # -------------------------------------------------------------- plumbing
     def train(self, mode: bool = True):
@@ -258,6 +261,8 @@ class LongMemDecoder(FairseqDecoder):
 
         def read(q: Tensor, local: Tensor) -> Tensor:
             got = bank.search(q.detach(), k, query_mask)
+            if self.record_retrieval:
+                self.last_retrieval = got
             mem_out, has_memory = memory_attention(
                 q, got.keys.to(q.device), got.values.to(q.device), got.mask.to(q.device),
                 dropout_p=attn_dropout, training=self.training,
@@ -299,6 +304,8 @@ def segment_boundaries(doc_start: Optional[Tensor], tokens: Tensor, pad: int):
 @register_model("longmem", dataclass=LongMemConfig)
 class LongMemModel(FairseqLanguageModel):
     """LongMem (Wang et al. 2023) over a frozen fairseq LM."""
+
+    accepts_stream_inputs = True  # reads doc_start / memory_key of stream batches
 
     @classmethod
     def build_model(cls, cfg: LongMemConfig, task):

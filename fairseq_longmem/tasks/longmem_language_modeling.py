@@ -192,6 +192,10 @@ class LongMemLanguageModelingTask(FairseqTask):
                 f"{limit} positions; lower --tokens-per-sample to {limit}"
             )
 
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        return accept_stream_inputs(model)
+
     def max_positions(self):
         return self.cfg.tokens_per_sample
 
@@ -202,3 +206,22 @@ class LongMemLanguageModelingTask(FairseqTask):
     @property
     def target_dictionary(self):
         return self.dictionary
+
+
+def accept_stream_inputs(model):
+    """Let a model without memory (e.g. the backbone alone) read stream batches.
+
+    Models that use ``doc_start``/``memory_key`` declare ``accepts_stream_inputs``;
+    for any other fairseq LM the two inputs are dropped, so the same task, data
+    order and ``fairseq-eval-lm`` command evaluate the backbone and LongMem alike.
+    """
+    if getattr(model, "accepts_stream_inputs", False) or getattr(model, "_stream_adapted", False):
+        return model
+    inner = model.forward
+
+    def forward(src_tokens, src_lengths=None, doc_start=None, memory_key=None, **kwargs):
+        return inner(src_tokens, src_lengths=src_lengths, **kwargs)
+
+    model.forward = forward
+    model._stream_adapted = True
+    return model
