@@ -64,12 +64,28 @@ def torchrun_args(argv: List[str], environ=os.environ) -> List[str]:
     ]
 
 
-def train(argv: Optional[List[str]] = None) -> int:
-    """``fairseq-train`` with fairseq-longmem registered (and torchrun support on CPU)."""
-    from fairseq_cli.train import cli_main
+def _train_main() -> None:
+    """fairseq_cli.train.cli_main, except that ``--bf16`` means bf16 on CPU/GPU.
 
+    fairseq 0.12 turns ``--bf16`` into ``--tpu``; here it keeps the device (CPU or
+    CUDA) unless ``--tpu`` is given explicitly.
+    """
+    from fairseq import distributed_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli.train import main as train_main
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser)
+    if getattr(args, "bf16", False) and "--tpu" not in sys.argv:
+        args.tpu = False
+    cfg = convert_namespace_to_omegaconf(args)
+    distributed_utils.call_main(cfg, train_main)
+
+
+def train(argv: Optional[List[str]] = None) -> int:
+    """``fairseq-train`` with fairseq-longmem registered (torchrun on CPU, bf16 off TPU)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return _run(cli_main, torchrun_args(argv))
+    return _run(_train_main, torchrun_args(argv))
 
 
 def _option(argv: List[str], name: str) -> Optional[str]:

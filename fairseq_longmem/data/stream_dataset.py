@@ -155,11 +155,29 @@ class StreamBatches(torch.utils.data.Dataset):
         starts[bounds[:-1]] = True  # every stream starts with an empty memory
         self.starts = starts
         self.sizes = np.full(self.num_batches, bsz * tokens_per_sample)
+        # resume support: when batch t is served right after something other than
+        # batch t-1 (a restart from checkpoint_last.pt), the previous replay_segments
+        # batches come with it so that the model can rebuild its memory exactly
+        self.replay_segments = 0
+        self._next = 0
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __getitem__(self, t: int) -> Dict[str, torch.Tensor]:
+        item = self.segment(t)
+        if self.replay_segments and t > 0 and t != self._next:
+            first = max(0, t - self.replay_segments)
+            past = [self.segment(i) for i in range(first, t)]
+            item["replay_src"] = torch.stack([p["src"] for p in past])
+            item["replay_doc_start"] = torch.stack([p["doc_start"] for p in past])
+            logger.info("batch %d served after a jump: replaying batches %d..%d into memory",
+                        t, first, t - 1)
+        self._next = t + 1
+        return item
+
+    def segment(self, t: int) -> Dict[str, torch.Tensor]:
+        """Batch ``t`` alone: inputs, targets and document starts, ``(bsz, T)`` each."""
         T, B = self.tokens_per_sample, self.bsz
         src = np.full((B, T), self.pad, dtype=np.int64)
         tgt = np.full((B, T), self.pad, dtype=np.int64)
@@ -184,14 +202,18 @@ class StreamBatches(torch.utils.data.Dataset):
         src, tgt = item["src"], item["tgt"]
         B = src.size(0)
         lengths = src.ne(self.pad).sum(1)
+        net_input = {
+            "src_tokens": src,
+            "src_lengths": lengths,
+            "doc_start": item["doc_start"],
+            "memory_key": self.memory_key,
+        }
+        if "replay_src" in item:
+            net_input["replay_tokens"] = item["replay_src"]
+            net_input["replay_doc_start"] = item["replay_doc_start"]
         return {
             "id": torch.arange(B) + item["id"] * B,
-            "net_input": {
-                "src_tokens": src,
-                "src_lengths": lengths,
-                "doc_start": item["doc_start"],
-                "memory_key": self.memory_key,
-            },
+            "net_input": net_input,
             "target": tgt,
             "nsentences": B,
             "ntokens": int(tgt.ne(self.pad).sum()),

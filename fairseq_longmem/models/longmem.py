@@ -223,12 +223,16 @@ class LongMemDecoder(FairseqDecoder):
         doc_start: Optional[Tensor] = None,
         memory_key: str = "default",
         features_only: bool = False,
+        replay_tokens: Optional[Tensor] = None,
+        replay_doc_start: Optional[Tensor] = None,
         **unused,
     ):
         """prev_output_tokens ``(bsz, tgt_len)``; doc_start ``(bsz, tgt_len)`` bool:
         True where a new document (memory scope) begins. Returns ``(logits, extra)``."""
         tokens = prev_output_tokens
         bsz, tgt_len = tokens.shape
+        if replay_tokens is not None and self.cfg.use_external_memory:
+            self.replay(replay_tokens, replay_doc_start, memory_key)
         with torch.no_grad():
             hiddens, _, kv = decoder_forward(self.backbone, tokens, kv_layer=self.retrieval_layer)
         bias = decoder_attn_bias(self.backbone, tgt_len, tokens.device)
@@ -253,6 +257,28 @@ class LongMemDecoder(FairseqDecoder):
         if features_only:
             return x, extra
         return self.output_layer(x), extra
+
+    @torch.no_grad()
+    def replay(self, tokens: Tensor, doc_start: Tensor, memory_key: str) -> None:
+        """Rebuild a memory from the segments that preceded this one (after a resume).
+
+        tokens, doc_start: ``(n_segments, bsz, tgt_len)``. The memory holds only the
+        frozen backbone's keys/values, so replaying the last ``memory_size`` tokens
+        rebuilds it exactly; the side network is not run.
+        """
+        self.reset_memory(memory_key)
+        for seg, starts in zip(tokens, doc_start):
+            _, _, (k, v) = decoder_forward(self.backbone, seg, kv_layer=self.retrieval_layer)
+            bank = self.get_memory(memory_key, seg.size(0), k.size(1), k.size(3), seg.device, k.dtype)
+            _, reset_rows, start, end = segment_boundaries(starts, seg, self.dictionary.pad())
+            bank.reset(reset_rows)
+            bank.write(k, v, start=start, end=end)
+
+    def replay_segments(self, tokens_per_sample: int) -> int:
+        """Segments to replay on resume so that the memory is rebuilt exactly."""
+        if not self.cfg.use_external_memory:
+            return 0
+        return -(-self.cfg.memory_size // tokens_per_sample) + 1
 
     def _memory_reader(self, bank, query_mask: Tensor):
         gate = self.side.memory_gate
@@ -306,6 +332,9 @@ class LongMemModel(FairseqLanguageModel):
     """LongMem (Wang et al. 2023) over a frozen fairseq LM."""
 
     accepts_stream_inputs = True  # reads doc_start / memory_key of stream batches
+
+    def replay_segments(self, tokens_per_sample: int) -> int:
+        return self.decoder.replay_segments(tokens_per_sample)
 
     @classmethod
     def build_model(cls, cfg: LongMemConfig, task):

@@ -51,6 +51,7 @@ class LongMemLanguageModelingTask(FairseqTask):
     def __init__(self, cfg: LongMemLanguageModelingConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
+        self.replay_segments = 0  # set from the model: batches replayed into memory on resume
 
     @classmethod
     def setup_task(cls, cfg: LongMemLanguageModelingConfig, **kwargs):
@@ -106,7 +107,7 @@ class LongMemLanguageModelingTask(FairseqTask):
     def stream_batches(self, dataset, bsz: int, num_shards: int = 1, shard_id: int = 0):
         if not isinstance(dataset, DocumentStream):
             raise StreamDataError("longmem_language_modeling batches only its own splits")
-        return StreamBatches(
+        batches = StreamBatches(
             dataset,
             bsz=bsz,
             tokens_per_sample=self.cfg.tokens_per_sample,
@@ -116,6 +117,8 @@ class LongMemLanguageModelingTask(FairseqTask):
             memory_scope=str(self.cfg.memory_scope),
             memory_key=dataset.name or "default",
         )
+        batches.replay_segments = self.replay_segments
+        return batches
 
     def _batch_size(self, max_sentences, max_tokens) -> int:
         if max_sentences:
@@ -148,7 +151,7 @@ class LongMemLanguageModelingTask(FairseqTask):
             seed=self.cfg.seed,
             num_shards=1,  # streams are already sharded over ranks
             shard_id=0,
-            num_workers=num_workers,
+            num_workers=min(num_workers, 1),  # one worker keeps batches (and replays) in order
             epoch=epoch,
             buffer_size=data_buffer_size,
             disable_shuffling=True,
@@ -194,6 +197,9 @@ class LongMemLanguageModelingTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        replay = getattr(model, "replay_segments", None)
+        if callable(replay):
+            self.replay_segments = max(self.replay_segments, replay(self.cfg.tokens_per_sample))
         return accept_stream_inputs(model)
 
     def max_positions(self):
@@ -219,7 +225,8 @@ def accept_stream_inputs(model):
         return model
     inner = model.forward
 
-    def forward(src_tokens, src_lengths=None, doc_start=None, memory_key=None, **kwargs):
+    def forward(src_tokens, src_lengths=None, doc_start=None, memory_key=None,
+                replay_tokens=None, replay_doc_start=None, **kwargs):
         return inner(src_tokens, src_lengths=src_lengths, **kwargs)
 
     model.forward = forward
