@@ -78,8 +78,26 @@ def _train_main() -> None:
     args = options.parse_args_and_arch(parser)
     if getattr(args, "bf16", False) and "--tpu" not in sys.argv:
         args.tpu = False
+    check_save_dir(args.save_dir, getattr(args, "no_save", False))
     cfg = convert_namespace_to_omegaconf(args)
     distributed_utils.call_main(cfg, train_main)
+
+
+def check_save_dir(save_dir: str, no_save: bool = False) -> None:
+    """Fail before any work when checkpoints could not be written."""
+    if no_save:
+        return
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        probe = os.path.join(save_dir, ".longmem_write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise LongMemError(
+            f"cannot write checkpoints to --save-dir {save_dir} ({e.strerror or e}); "
+            "choose a writable directory"
+        ) from None
 
 
 def train(argv: Optional[List[str]] = None) -> int:

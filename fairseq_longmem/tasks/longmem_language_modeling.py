@@ -74,11 +74,16 @@ class LongMemLanguageModelingTask(FairseqTask):
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
         paths = utils.split_paths(self.cfg.data)
         prefix = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:
+            raise StreamDataError(
+                f"split {split!r} holds no tokens ({prefix}.bin is empty); binarize a "
+                "non-empty split (preprocess/prepare_corpus.py) or choose another subset"
+            )
         try:
             data = data_utils.load_indexed_dataset(prefix, self.dictionary, combine=combine)
         except Exception as e:
             raise StreamDataError(
-                f"corrupt binarized data at {prefix}.idx/.bin ({type(e).__name__}: "
+                f"corrupt binarized data at {prefix}.bin/.idx ({type(e).__name__}: "
                 f"{str(e)[:100]}); re-run preprocess/prepare_corpus.py"
             ) from None
         if data is None:
