@@ -1,0 +1,572 @@
+#!/usr/bin/env python
+"""Training speed of LongMem adaptation at the paper's configuration (random weights).
+
+Builds, with random weights and no file: a frozen backbone of the paper's shape
+(24 layers, d=1024, 16 heads, ffn 4096; our ``alibi_lm`` by default,
+``--backbone transformer`` for fairseq's ``transformer_lm``, whose
+``transformer_lm_gpt2_small`` preset has that shape), a GPT-2-sized dictionary
+(50,257 symbols), and LongMem over it through the model code fairseq-train
+runs (``build_backbone`` -> ``LongMemDecoder`` -> ``LongMemModel``; the
+backbone's config goes in ``backbone_config`` so no checkpoint is read).
+Then it fills every stream's memory (``ceil(memory_size / T) + 1`` untimed
+segments) so that the timed steps search a full memory, and times training
+steps of memory-augmented adaptation: forward (frozen backbone under no_grad,
+side network, memory search + read, memory write), cross entropy, backward,
+AdamW on the trainable parameters, under autocast (``--dtype``). The same
+steps are then timed with memory off (``use_external_memory`` False, same model
+and optimizer), so the memory's overhead is a ratio from one run.
+
+Reported (stdout and ``--out`` JSON): tokens/s, step time, MFU, the time per
+step spent in memory writes (``bank.write``) and in retrieval (``bank.search``:
+chunk search + gather of the retrieved keys/values) and their share of the
+step (CUDA events on GPU, ``time.perf_counter`` on CPU; the bank's methods are
+wrapped here, not in the library), peak device memory (peak RSS on CPU), and
+the number of host-device synchronisations in one training step (CUDA sync
+debug mode; null on CPU).
+
+FLOPs per token (model FLOPs; MFU = flops_per_token * tokens/s / peak)::
+
+    F = 2 P_b + 4 L_b T d                 frozen backbone, forward only
+      + 6 P_s + 12 L_s T d                side network, forward + backward
+      + 12 k d            (memory on)     memory attention, fwd + bwd
+      + 4 V d             (6 V d with --tune-lm-head)   LM head
+
+* ``P_b``, ``P_s``: parameters of the backbone's / side network's transformer
+  layers (embeddings and LM head excluded: counted by the last term), counted
+  from the built model; 2 FLOPs per parameter and token forward, 6 forward +
+  backward.
+* attention, per layer and token: ``q k^T`` and ``p v`` over the segment, 2 x 2
+  x T x d forward, counted over the whole T x T square (the PaLM/Megatron
+  convention: causal masking is not halved). The side layers' backward doubles
+  it (x3 in all).
+* memory attention (one side layer): each token reads its own k retrieved
+  pairs in every head, 2 x 2 x k x d_head per head forward = 4 k d per token;
+  x3 for forward + backward.
+* LM head: the frozen output projection costs 2 V d forward and 2 V d for the
+  gradient with respect to its input (needed to reach the side network); no
+  weight gradient since it is frozen: 4 V d. With ``--tune-lm-head`` the side
+  network owns a trainable copy: 6 V d.
+* not counted in F (reported apart as ``search_flops_per_token``): the chunk
+  search itself, 2 x (memory_size / chunk_size) x d per token (every query,
+  every head, against every chunk's mean key), ~2% of F at the paper's
+  shapes; embeddings, norms, softmax, the optimizer.
+
+Examples::
+
+    python benchmarks/train_speed.py --device cuda --search torch --out torch.json
+    python benchmarks/train_speed.py --device cuda --search fused --out fused.json
+    python benchmarks/train_speed.py --tiny            # CPU, seconds (the test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+PAPER = dict(layers=24, dim=1024, heads=16, ffn=4096, vocab=50257, batch_size=8,
+             tokens_per_sample=1024, memory_size=65536, k=64, chunk_size=4,
+             retrieval_layer=17, reduction=2, steps=10, warmup=3)
+TINY = dict(layers=4, dim=64, heads=4, ffn=256, vocab=1000, batch_size=2,
+            tokens_per_sample=64, memory_size=512, k=16, chunk_size=4,
+            retrieval_layer=3, reduction=2, steps=3, warmup=1)
+ARCHES = {"alibi": "alibi_lm_gpt2_medium", "transformer": "transformer_lm_gpt2_small"}
+
+
+# ------------------------------------------------------------------- model
+class FakeTask:
+    """What ``build_model`` reads of a task: the dictionaries."""
+
+    def __init__(self, dictionary):
+        self.source_dictionary = dictionary
+        self.target_dictionary = dictionary
+        self.dictionary = dictionary
+
+
+def make_dictionary(size: int):
+    """A fairseq Dictionary of exactly ``size`` symbols (4 specials + dummies)."""
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for i in range(size - len(d)):
+        d.add_symbol(f"tok{i}")
+    assert len(d) == size, (len(d), size)
+    return d
+
+
+def backbone_config(args) -> Dict:
+    """The backbone's model config dict, as a fairseq checkpoint would record it."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY
+
+    arch = ARCHES[args.backbone]
+    ns = argparse.Namespace(
+        decoder_layers=args.layers,
+        decoder_embed_dim=args.dim,
+        decoder_ffn_embed_dim=args.ffn,
+        decoder_attention_heads=args.heads,
+        tokens_per_sample=args.tokens_per_sample,
+        max_target_positions=args.tokens_per_sample,
+    )
+    ARCH_CONFIG_REGISTRY[arch](ns)  # fills the preset's remaining defaults
+    cfg = {k: v for k, v in vars(ns).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    cfg["_name"] = ARCH_MODEL_NAME_REGISTRY[arch]
+    cfg["arch"] = arch
+    return cfg
+
+
+def build_model(args, device):
+    """LongMem over a random-init backbone, built as fairseq-train builds it."""
+    import fairseq_longmem  # noqa: F401  (registers models/tasks)
+    from fairseq_longmem.models.backbone import dumps_config
+    from fairseq_longmem.models.longmem import LongMemConfig, LongMemModel
+
+    task = FakeTask(make_dictionary(args.vocab))
+    cfg = LongMemConfig()
+    cfg.backbone_config = dumps_config(backbone_config(args))
+    cfg.layer_reduction_factor = args.reduction
+    cfg.reload_ptm_layer = True  # copies of the (random) backbone layers
+    cfg.tune_lm_head = args.tune_lm_head
+    cfg.use_external_memory = True
+    cfg.retrieval_layer_index = args.retrieval_layer
+    cfg.memory_size = args.memory_size
+    cfg.chunk_size = args.chunk_size
+    cfg.k = args.k
+    cfg.memory_backend = "torch"
+    cfg.memory_dtype = "auto"
+    cfg.tokens_per_sample = args.tokens_per_sample
+    model = LongMemModel.build_model(cfg, task)
+    return model.to(device), task
+
+
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def flops_per_token(model, args, memory_on: bool) -> Dict[str, float]:
+    """The formula of the module docstring, with parameter counts of ``model``."""
+    dec = model.decoder
+    p_b = sum(count_params(layer) for layer in dec.backbone.layers)
+    p_s = sum(count_params(layer) for layer in dec.side.layers)
+    l_b, l_s = len(dec.backbone.layers), len(dec.side.layers)
+    d, t, v, k = args.dim, args.tokens_per_sample, args.vocab, args.k
+    parts = {
+        "backbone_fwd": 2 * p_b + 4 * l_b * t * d,
+        "side_fwd_bwd": 6 * p_s + 12 * l_s * t * d,
+        "memory_attention": 12 * k * d if memory_on else 0,
+        "lm_head": (6 if args.tune_lm_head else 4) * v * d,
+    }
+    parts["total"] = sum(parts.values())
+    parts["search_flops_per_token"] = (
+        2 * (args.memory_size // args.chunk_size) * d if memory_on else 0
+    )
+    parts["backbone_layer_params"] = p_b
+    parts["side_layer_params"] = p_s
+    return parts
+
+
+# ------------------------------------------------------------------ timing
+class SectionTimer:
+    """Times wrapped callables: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.enabled = False
+        self.events: Dict[str, list] = {}
+        self.seconds: Dict[str, float] = {}
+        self.calls: Dict[str, int] = {}
+
+    def reset(self):
+        self.events = {}
+        self.seconds = {}
+        self.calls = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **kw):
+            if not self.enabled:
+                return fn(*a, **kw)
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*a, **kw)
+                end.record()
+                self.events.setdefault(name, []).append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def total_ms(self, name: str) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(s.elapsed_time(e) for s, e in self.events.get(name, []))
+        return 1000.0 * self.seconds.get(name, 0.0)
+
+
+def instrument_banks(model, timer: SectionTimer) -> int:
+    """Wrap every memory bank's search/write (instance attributes only)."""
+    n = 0
+    for bank in model.decoder.memories.values():
+        if not getattr(bank, "_speed_wrapped", False):
+            bank.search = timer.wrap("retrieval", bank.search)
+            bank.write = timer.wrap("write", bank.write)
+            bank._speed_wrapped = True
+            n += 1
+    return n
+
+
+COUNTS = {"fused_search_calls": 0}
+
+
+@contextmanager
+def search_impl(choice: str, timer: "SectionTimer"):
+    """Route the torch bank's chunk search (``memory_bank.topk_chunks``) through
+    ``timer`` ("topk": the search alone, without the gather) and, for
+    ``--search fused``, to :func:`fused_search.fused_topk_chunks`."""
+    from fairseq_longmem.modules import memory_bank
+
+    saved = memory_bank.topk_chunks
+    impl = saved
+    if choice == "fused":
+        from fairseq_longmem.modules.fused_search import fused_topk_chunks
+
+        def impl(*a, **kw):
+            COUNTS["fused_search_calls"] += 1
+            return fused_topk_chunks(*a, **kw)
+
+    memory_bank.topk_chunks = timer.wrap("topk", impl)
+    try:
+        yield
+    finally:
+        memory_bank.topk_chunks = saved
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device) -> Optional[int]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+# -------------------------------------------------------------------- run
+class Trainer:
+    def __init__(self, model, args, device):
+        self.model = model
+        self.args = args
+        self.device = device
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        kw = {"fused": True} if device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(
+            params, lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, **kw
+        )
+        use_scaler = args.dtype == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        n = 4  # a few distinct segments, cycled (no host->device copy in a step)
+        shape = (n, args.batch_size, args.tokens_per_sample + 1)
+        self.data = torch.randint(4, args.vocab, shape, device=device, generator=g)
+        self.i = 0
+
+    def batch(self):
+        seg = self.data[self.i % self.data.size(0)]
+        self.i += 1
+        return seg[:, :-1], seg[:, 1:]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def step(self):
+        tokens, target = self.batch()
+        with self.autocast():
+            logits, _ = self.model(tokens)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1))
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def forward_only(self):
+        tokens, _ = self.batch()
+        with self.autocast():
+            self.model(tokens)
+
+    def timed(self, steps: int):
+        """Mean seconds per step over ``steps`` steps (device synchronised around)."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        loss = None
+        for _ in range(steps):
+            loss = self.step()
+        sync(self.device)
+        return (time.perf_counter() - t0) / steps, loss
+
+
+def count_syncs(trainer) -> Optional[int]:
+    """Host-device synchronisations in one training step (CUDA sync debug mode)."""
+    if trainer.device.type != "cuda":
+        return None
+    sync(trainer.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync(trainer.device)
+    msgs = [
+        str(w.message) for w in caught
+        if "synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)
+    ]
+    trainer.sync_messages = sorted(set(m.splitlines()[0][:160] for m in msgs))
+    return len(msgs)
+
+
+def flops_only(args) -> Dict:
+    """Build the model on the meta device (no memory, no time) and count FLOPs."""
+    with torch.device("meta"):
+        model, _ = build_model(args, torch.device("meta"))
+    f_on = flops_per_token(model, args, memory_on=True)
+    tokens = args.batch_size * args.tokens_per_sample
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "flops_per_token": f_on["total"],
+        "flops_breakdown": f_on,
+        "flops_per_token_no_memory": flops_per_token(model, args, memory_on=False)["total"],
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "tokens_per_step": tokens,
+        "tokens_per_s_at_100pct_mfu": args.peak_tflops * 1e12 / f_on["total"],
+    }
+
+
+def run(args) -> Dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    t_build = time.perf_counter()
+    try:  # initialise directly on the device (fast); else on the CPU, then move
+        with torch.device(device):
+            model, _ = build_model(args, device)
+    except Exception as e:  # pragma: no cover - depends on fairseq's modules
+        print(f"building on {device} failed ({type(e).__name__}: {e}); building on cpu")
+        model, _ = build_model(args, device)
+    model.train()
+    build_s = time.perf_counter() - t_build
+    trainer = Trainer(model, args, device)
+    timer = SectionTimer(device)
+    dec = model.decoder
+
+    from fairseq_longmem.modules import fused_search
+
+    fused_active = args.search == "fused" and fused_search.fused_search_available(device)
+    result: Dict = {
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "search_impl": "triton" if fused_active else "torch",
+        "build_s": build_s,
+        "trainable_params": trainer.trainable,
+        "frozen_params": trainer.frozen,
+    }
+    with search_impl(args.search, timer):
+        # 1. fill: enough segments that every stream's memory is full (untimed)
+        fill_segments = math.ceil(args.memory_size / args.tokens_per_sample) + 1
+        t0 = time.perf_counter()
+        for _ in range(fill_segments):
+            trainer.forward_only()
+        sync(device)
+        result["fill_segments"] = fill_segments
+        result["fill_s"] = time.perf_counter() - t0
+        banks = list(dec.memories.values())
+        fill = [float(b.fill().float().mean()) for b in banks]
+        result["memory_fill_tokens"] = fill
+        assert fill and all(f >= args.memory_size for f in fill), "memory not full"
+
+        # 2. memory on: warm-up, then timed steps with the bank's calls timed
+        instrument_banks(model, timer)
+        for _ in range(args.warmup):
+            trainer.step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timer.reset()
+        timer.enabled = True
+        step_s, loss = trainer.timed(args.steps)
+        timer.enabled = False
+        write_ms = timer.total_ms("write") / args.steps
+        topk_ms = timer.total_ms("topk") / args.steps
+        retrieval_ms = timer.total_ms("retrieval") / args.steps
+        peak_on = peak_memory_bytes(device)
+        syncs = count_syncs(trainer)
+        loss_on = float(loss)
+
+        # 3. memory off: same model and optimizer
+        dec.cfg.use_external_memory = False
+        for _ in range(args.warmup):
+            trainer.step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_off_s, loss = trainer.timed(args.steps)
+        peak_off = peak_memory_bytes(device)
+        dec.cfg.use_external_memory = True
+        loss_off = float(loss)
+
+    tokens = args.batch_size * args.tokens_per_sample
+    f_on = flops_per_token(model, args, memory_on=True)
+    f_off = flops_per_token(model, args, memory_on=False)
+    peak = args.peak_tflops * 1e12
+    step_ms = 1000 * step_s
+    step_off_ms = 1000 * step_off_s
+    result.update(
+        {
+            "tokens_per_step": tokens,
+            "step_ms": step_ms,
+            "tokens_per_s": tokens / step_s,
+            "flops_per_token": f_on["total"],
+            "flops_breakdown": f_on,
+            "mfu": f_on["total"] * tokens / step_s / peak,
+            "write_ms": write_ms,
+            "retrieval_ms": retrieval_ms,
+            "write_share": write_ms / step_ms,
+            "retrieval_share": retrieval_ms / step_ms,
+            "search_ms": topk_ms,
+            "search_share": topk_ms / step_ms,
+            "search_calls_per_step": timer.calls.get("retrieval", 0) / args.steps,
+            "fused_search_calls": COUNTS["fused_search_calls"],
+            "peak_memory_bytes": peak_on,
+            "peak_memory_kind": (
+                "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
+            ),
+            "syncs_in_step": syncs,
+            "sync_messages": getattr(trainer, "sync_messages", None),
+            "loss": loss_on,
+            "no_memory": {
+                "step_ms": step_off_ms,
+                "tokens_per_s": tokens / step_off_s,
+                "flops_per_token": f_off["total"],
+                "mfu": f_off["total"] * tokens / step_off_s / peak,
+                "peak_memory_bytes": peak_off,
+                "loss": loss_off,
+            },
+            "memory_overhead_ratio": step_s / step_off_s,
+        }
+    )
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny shapes on CPU (seconds): 4 layers d=64, vocab 1000, batch 2, "
+                        "T=64, memory 512; explicit flags still override")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if any)")
+    p.add_argument("--backbone", choices=sorted(ARCHES), default="alibi",
+                   help="alibi: our alibi_lm (the default backbone); "
+                        "transformer: fairseq's transformer_lm")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="autocast dtype (fp16 adds a GradScaler)")
+    p.add_argument("--search", choices=["torch", "fused"], default="torch",
+                   help="chunk search: torch (memory_bank.topk_chunks) or fused "
+                        "(fused_search.fused_topk_chunks; the torch path where Triton can't run)")
+    for name in ("layers", "dim", "heads", "ffn", "vocab", "batch_size", "tokens_per_sample",
+                 "memory_size", "k", "chunk_size", "retrieval_layer", "reduction", "steps",
+                 "warmup"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"default {PAPER[name]} ({TINY[name]} with --tiny)")
+    p.add_argument("--tune-lm-head", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak dense TFLOP/s of the device for MFU (H100 SXM bf16: 989)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only build the model (meta device) and print the FLOPs per token")
+    args = p.parse_args(argv)
+    base = TINY if args.tiny else PAPER
+    for name, value in base.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.device is None:
+        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    return args
+
+
+def summary(r: Dict) -> str:
+    gib = 2 ** 30
+    peak = r["peak_memory_bytes"]
+    lines = [
+        f"device {r['device']}  search {r['config']['search']} ({r['search_impl']})  "
+        f"dtype {r['config']['dtype']}  batch {r['config']['batch_size']} x "
+        f"{r['config']['tokens_per_sample']} tokens, memory {r['config']['memory_size']} "
+        f"(chunk {r['config']['chunk_size']}, k {r['config']['k']})",
+        f"memory on : {r['step_ms']:9.2f} ms/step  {r['tokens_per_s']:12.0f} tok/s  "
+        f"MFU {100 * r['mfu']:5.1f}%  peak mem {peak / gib:.2f} GiB",
+        f"memory off: {r['no_memory']['step_ms']:9.2f} ms/step  "
+        f"{r['no_memory']['tokens_per_s']:12.0f} tok/s  MFU {100 * r['no_memory']['mfu']:5.1f}%  "
+        f"peak mem {r['no_memory']['peak_memory_bytes'] / gib:.2f} GiB",
+        f"overhead  : x{r['memory_overhead_ratio']:.3f}   write {r['write_ms']:.2f} ms "
+        f"({100 * r['write_share']:.1f}%)   retrieval {r['retrieval_ms']:.2f} ms "
+        f"({100 * r['retrieval_share']:.1f}%, of which search {r['search_ms']:.2f} ms)   "
+        f"syncs/step {r['syncs_in_step']}",
+        f"FLOPs/token {r['flops_per_token'] / 1e9:.3f} G (+ search "
+        f"{r['flops_breakdown']['search_flops_per_token'] / 1e9:.3f} G, not in MFU)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.flops_only:
+        result = flops_only(args)
+    else:
+        result = run(args)
+        print(summary(result))
+    text = json.dumps(result, indent=1, sort_keys=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
