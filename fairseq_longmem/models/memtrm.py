@@ -1,0 +1,319 @@
+"""MemTRM baseline: a Memorizing-Transformer-style LM in the same framework as LongMem.
+
+One network, initialised from the same backbone checkpoint as LongMem
+(``--pretrained-model-path``), *all* of it trainable. Its layer ``m``
+(``--retrieval-layer-index``) uses the same joint (local + memory, gated)
+attention as LongMem's memory-augmented side layer, but the memory holds the
+layer-``m`` keys/values that *this network itself* computed on earlier segments
+(detached). As the weights train, keys cached under old weights no longer match
+the queries of the new ones: the "memory staleness" LongMem's frozen memory
+encoder avoids (DESIGN.md 1.1). This is the coupled design the paper compares
+against, so that both run from the same commands, data order and memory module.
+
+Shared with LongMem, not copied: the layer forward with a memory hook and
+key/value output (:func:`~fairseq_longmem.modules.decoder_layer.layer_forward`),
+the joint attention (:func:`memory_attention`, :func:`gate_mix`), the memory
+backends (:func:`build_memory`, through :meth:`LongMemDecoder.get_memory`), and
+the per-row memory protocol (:func:`segment_boundaries`, ``memory_key``).
+
+Per segment: embed -> layers (layer m reads memory written by *earlier*
+segments, and returns its own k/v) -> logits -> append the segment's layer-m
+k/v (detached) to each row's memory. Training uses the same ``fairseq-train``
+command as LongMem with ``--arch memtrm_*`` (there is no
+``--layer-reduction-factor``: there is no side network).
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import (
+    FairseqDecoder,
+    FairseqLanguageModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.utils import safe_getattr
+from omegaconf import II
+from torch import Tensor, nn
+
+from ..modules.decoder_layer import decoder_attn_bias, embed, final_features, layer_forward
+from ..modules.joint_attention import gate_mix, memory_attention
+from ..modules.memory_bank import check_memory_config
+from ..modules.memory_factory import MEMORY_BACKENDS
+from .backbone import BackboneError, build_backbone, dumps_config, load_backbone, loads_config
+from .longmem import LongMemDecoder, segment_boundaries
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MemTRMConfig(FairseqDataclass):
+    pretrained_model_path: str = field(
+        default="",
+        metadata={"help": "initial weights: a fairseq alibi_lm or transformer_lm checkpoint "
+                  "(the same backbone LongMem uses); all of it is trained"},
+    )
+    use_external_memory: bool = field(
+        default=False,
+        metadata={"help": "read and write the memory bank (without it: plain fine-tuning)"},
+    )
+    retrieval_layer_index: int = field(
+        default=17,
+        metadata={"help": "0-based layer that writes its own keys/values to memory and "
+                  "reads them back through joint attention"},
+    )
+    memory_size: int = field(default=65536, metadata={"help": "tokens kept per stream (FIFO)"})
+    chunk_size: int = field(default=4, metadata={"help": "tokens per memory chunk"})
+    k: int = field(default=64, metadata={"help": "retrieved tokens per query and head"})
+    use_gpu_to_search: bool = field(
+        default=False, metadata={"help": "faiss backends: search on the GPU"}
+    )
+    memory_backend: ChoiceEnum(MEMORY_BACKENDS) = field(  # type: ignore
+        default="torch", metadata={"help": "retrieval backend"}
+    )
+    memory_on_cpu: bool = field(
+        default=False, metadata={"help": "keep keys/values in host memory (model on GPU)"}
+    )
+    memory_dtype: ChoiceEnum(["auto", "fp32", "fp16", "bf16"]) = field(  # type: ignore
+        default="auto", metadata={"help": "storage dtype of the memory (auto: the model's)"}
+    )
+    memory_ivf_nlist: int = field(default=1024, metadata={"help": "faiss-ivf: inverted lists"})
+    memory_ivf_nprobe: int = field(default=32, metadata={"help": "faiss-ivf: lists probed"})
+    memory_hnsw_m: int = field(default=32, metadata={"help": "faiss-hnsw: graph degree"})
+    memory_gate_init: float = field(
+        default=0.0, metadata={"help": "initial gate logit g; sigmoid(g) is memory's share"}
+    )
+    # accepted so that LongMem's training command runs unchanged with --arch memtrm_*
+    reload_ptm_layer: bool = field(
+        default=False,
+        metadata={"help": "accepted for command compatibility with longmem; MemTRM always "
+                  "starts from all of the backbone's weights"},
+    )
+    tune_lm_head: bool = field(
+        default=False,
+        metadata={"help": "accepted for command compatibility with longmem; MemTRM trains "
+                  "every parameter, the output projection included"},
+    )
+    side_dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "dropout of the network's layers and embeddings (default: the "
+                  "backbone's); named as in longmem"},
+    )
+    decoder_embed_dim: Optional[int] = field(
+        default=None, metadata={"help": "expected width of the backbone"}
+    )
+    decoder_attention_heads: Optional[int] = field(
+        default=None, metadata={"help": "expected heads of the backbone"}
+    )
+    backbone_config: str = field(
+        default="",
+        metadata={"help": "filled automatically: the backbone's model config (JSON), so a "
+                  "checkpoint rebuilds without the backbone file"},
+    )
+    tokens_per_sample: int = II("task.tokens_per_sample")
+
+
+def check_memtrm_config(cfg: MemTRMConfig, decoder) -> None:
+    """Checks that need the network; clear messages before training starts."""
+    layers = len(decoder.layers)
+    dim = decoder.embed_dim
+    heads = decoder.layers[0].self_attn.num_heads
+    if not 0 <= cfg.retrieval_layer_index < layers:
+        raise BackboneError(
+            f"--retrieval-layer-index {cfg.retrieval_layer_index} is outside the network "
+            f"(layers 0..{layers - 1}); pick one in range"
+        )
+    if cfg.decoder_embed_dim is not None and cfg.decoder_embed_dim != dim:
+        raise BackboneError(
+            f"--arch expects width {cfg.decoder_embed_dim} but the backbone has {dim}; use "
+            f"the memtrm_* preset of a d={dim} backbone or --decoder-embed-dim {dim}"
+        )
+    if cfg.decoder_attention_heads is not None and cfg.decoder_attention_heads != heads:
+        raise BackboneError(
+            f"--arch expects {cfg.decoder_attention_heads} heads but the backbone has "
+            f"{heads}; use --decoder-attention-heads {heads}"
+        )
+    check_memory_config(cfg.memory_size, cfg.chunk_size, cfg.k)
+    limit = decoder.max_positions()
+    tps = safe_getattr(cfg, "tokens_per_sample", None)
+    if isinstance(tps, int) and limit is not None and tps > limit:
+        raise BackboneError(
+            f"--tokens-per-sample {tps} exceeds the backbone's {limit} positions; lower "
+            f"--tokens-per-sample to {limit}"
+        )
+
+
+class MemTRMDecoder(FairseqDecoder):
+    """The whole backbone decoder, trainable, whose layer m reads its own past k/v."""
+
+    # the memory plumbing is LongMem's (one bank per memory_key, built by build_memory
+    # from the same config fields, reset on request): reuse it rather than copy it
+    get_memory = LongMemDecoder.get_memory
+    reset_memory = LongMemDecoder.reset_memory
+
+    def __init__(self, cfg: MemTRMConfig, dictionary, net):
+        super().__init__(dictionary)
+        check_memtrm_config(cfg, net)
+        self.cfg = cfg
+        self.net = net
+        self.retrieval_layer = cfg.retrieval_layer_index
+        heads = net.layers[0].self_attn.num_heads
+        self.memory_gate = nn.Parameter(torch.full((heads,), float(cfg.memory_gate_init)))
+        if cfg.side_dropout is not None:
+            net.dropout_module.p = cfg.side_dropout
+            for layer in net.layers:
+                layer.dropout_module.p = cfg.side_dropout
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.memories: Dict[str, object] = {}
+        self.last_stats: Dict[str, Tensor] = {}
+        # set True to keep the last segment's retrieval (probes, tests); off in training
+        self.record_retrieval = False
+        self.last_retrieval = None
+        # set True to keep the last segment's layer-m keys/values (what was written)
+        self.record_written = False
+        self.last_written = None
+
+    def max_positions(self):
+        return self.net.max_positions()
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        return self.net.output_layer(features)
+
+    def forward(
+        self,
+        prev_output_tokens: Tensor,
+        src_lengths: Optional[Tensor] = None,
+        doc_start: Optional[Tensor] = None,
+        memory_key: str = "default",
+        features_only: bool = False,
+        **unused,
+    ):
+        """prev_output_tokens ``(bsz, tgt_len)``; doc_start ``(bsz, tgt_len)`` bool:
+        True where a new document (memory scope) begins. Returns ``(logits, extra)``."""
+        tokens = prev_output_tokens
+        bsz, tgt_len = tokens.shape
+        net = self.net
+        m = self.retrieval_layer
+        use_memory = bool(self.cfg.use_external_memory)
+        x = embed(net, tokens)
+        bias = decoder_attn_bias(net, tgt_len, tokens.device)
+        reader, held = None, {}
+        if use_memory:
+            query_mask, reset_rows, write_start, write_end = segment_boundaries(
+                doc_start, tokens, self.dictionary.pad()
+            )
+            reader = self._memory_reader(memory_key, query_mask, held)
+        hiddens = [x]
+        kv = None
+        for i, layer in enumerate(net.layers):
+            x, layer_kv = layer_forward(
+                layer, x, bias,
+                memory_reader=reader if i == m else None,
+                return_kv=use_memory and i == m,
+            )
+            if layer_kv is not None:
+                kv = layer_kv
+            hiddens.append(x)
+        x = final_features(net, x)
+        if use_memory:
+            bank = held["bank"]
+            mem_k, mem_v = kv[0].detach(), kv[1].detach()
+            if self.record_written:
+                self.last_written = (mem_k.clone(), mem_v.clone())
+            with torch.no_grad():
+                bank.reset(reset_rows)
+                bank.write(mem_k, mem_v, start=write_start, end=write_end)
+                self.last_stats["memory_fill"] = bank.fill().float().mean()
+        extra = {"inner_states": hiddens, "memory_stats": dict(self.last_stats)}
+        if features_only:
+            return x, extra
+        return self.output_layer(x), extra
+
+    def _memory_reader(self, memory_key: str, query_mask: Tensor, held: dict):
+        gate = self.memory_gate
+        k = self.cfg.k
+        attn_dropout = self.net.layers[self.retrieval_layer].self_attn.dropout_module.p
+
+        def read(q: Tensor, local: Tensor) -> Tensor:
+            # the bank takes the dtype of this layer's keys (q has the same dtype)
+            bsz, heads, _, head_dim = q.shape
+            bank = self.get_memory(memory_key, bsz, heads, head_dim, q.device, q.dtype)
+            held["bank"] = bank
+            got = bank.search(q.detach(), k, query_mask)
+            if self.record_retrieval:
+                self.last_retrieval = got
+            mem_out, has_memory = memory_attention(
+                q, got.keys.to(q.device), got.values.to(q.device), got.mask.to(q.device),
+                dropout_p=attn_dropout, training=self.training,
+            )
+            self.last_stats = {
+                "memory_read_frac": has_memory.float().mean().detach(),
+                "memory_gate": torch.sigmoid(gate.detach().float()).mean(),
+            }
+            return gate_mix(local, mem_out, gate, has_memory)
+
+        return read
+
+
+@register_model("memtrm", dataclass=MemTRMConfig)
+class MemTRMModel(FairseqLanguageModel):
+    """Memorizing-Transformer-style baseline: one trainable network, self-written memory."""
+
+    accepts_stream_inputs = True  # reads doc_start / memory_key of stream batches
+
+    @classmethod
+    def build_model(cls, cfg: MemTRMConfig, task):
+        if cfg.backbone_config:
+            backbone_cfg = loads_config(cfg.backbone_config)
+            backbone = build_backbone(backbone_cfg, task)  # weights come from our checkpoint
+        else:
+            backbone, backbone_cfg = load_backbone(cfg.pretrained_model_path, task)
+            cfg.backbone_config = dumps_config(backbone_cfg)
+            logger.info("MemTRM initialised from %s", cfg.pretrained_model_path)
+        decoder = MemTRMDecoder(cfg, task.target_dictionary, backbone.decoder)
+        n = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
+        logger.info(
+            "MemTRM: %d trainable layers, memory %s (layer %d reads its own keys/values, "
+            "%d tokens, chunk %d, k %d, backend %s), %.2fM trainable parameters",
+            len(backbone.decoder.layers),
+            "ON" if cfg.use_external_memory else "OFF (pass --use-external-memory)",
+            cfg.retrieval_layer_index, cfg.memory_size, cfg.chunk_size, cfg.k,
+            cfg.memory_backend, n / 1e6,
+        )
+        return cls(decoder)
+
+
+# presets mirror longmem_*: same memory size, chunk, k and retrieval layer
+
+
+def _memory_preset(args, memory_size: int, chunk_size: int, k: int, layer: int) -> None:
+    args.memory_size = safe_getattr(args, "memory_size", memory_size)
+    args.chunk_size = safe_getattr(args, "chunk_size", chunk_size)
+    args.k = safe_getattr(args, "k", k)
+    args.retrieval_layer_index = safe_getattr(args, "retrieval_layer_index", layer)
+
+
+@register_model_architecture("memtrm", "memtrm_tiny")
+def memtrm_tiny(args):
+    """Tests: over an alibi_lm_tiny backbone (4 layers, d=64)."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
+    _memory_preset(args, memory_size=256, chunk_size=4, k=16, layer=3)
+
+
+@register_model_architecture("memtrm", "memtrm_small")
+def memtrm_small(args):
+    """CPU quickstart: over alibi_lm_small (4 layers, d=256)."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 256)
+    _memory_preset(args, memory_size=8192, chunk_size=4, k=32, layer=3)
+
+
+@register_model_architecture("memtrm", "memtrm_gpt2_medium")
+def memtrm_gpt2_medium(args):
+    """The paper's baseline size: 24 layers d=1024 16 heads, memory in layer 17."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 1024)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 16)
+    _memory_preset(args, memory_size=65536, chunk_size=4, k=64, layer=17)
