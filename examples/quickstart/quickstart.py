@@ -126,11 +126,12 @@ def main(argv=None):
     prep = work / "prep"
     stage("2/5 preprocess (split by document, sentencepiece, fairseq-preprocess)")
     if not (prep / "data-bin" / "test.idx").exists():
-        info = prepare_corpus(corpus, prep, vocab_size=args.vocab_size, workers=args.threads,
-                              valid_frac=0.05, test_frac=0.05, seed=1)
+        prepare_corpus(corpus, prep, vocab_size=args.vocab_size, workers=args.threads,
+                       valid_frac=0.05, test_frac=0.05, seed=1, spm_input_sentence_size=100_000)
     info = json.loads((prep / "corpus_info.json").read_text())
     data = prep / "data-bin"
-    print(f"    {json.dumps({k: info[k] for k in info if 'docs' in k or 'tokens' in k})[:300]}")
+    split_info = {k: {"docs": v["docs"], "tokens": v["bin_tokens"]} for k, v in info["splits"].items()}
+    print(f"    {split_info}")
 
     # 3. stage 1: backbone
     stage(f"3/5 stage 1: pretrain {args.backbone_arch} with stock fairseq-train")
@@ -257,7 +258,7 @@ def main(argv=None):
         "eval_tokens": int(len(curves["(iv) LongMem"].nll)),
         "eval_documents": int(len(stream.doc_starts)),
         "corpus": corpus_name,
-        "corpus_info": {k: info[k] for k in info if "docs" in k or "tokens" in k},
+        "corpus_info": split_info,
         "config": {k: v for k, v in vars(args).items()},
         "memory_gain_vs_ablation_pct": 100 * (1 - results["longmem_ppl"] / results["no_memory_adaptation_ppl"]),
         "wall_seconds": time.time() - t_start,

@@ -12,9 +12,8 @@ the side network.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Dict
 
-import torch
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import (

@@ -9,7 +9,7 @@ keys/values to each row's memory.
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -24,9 +24,9 @@ from omegaconf import II
 from torch import Tensor
 
 from ..modules.decoder_layer import decoder_attn_bias, decoder_forward
-from ..modules.joint_attention import gate_mix, memory_attention
-from ..modules.memory_bank import MemoryConfigError, check_memory_config, resolve_dtype
-from ..modules.memory_factory import MEMORY_BACKENDS, build_memory
+from ..modules.memory_bank import check_memory_config
+from ..modules.memory_factory import MEMORY_BACKENDS
+from ..modules.memory_reader import MemoryOwner, joint_memory_reader
 from ..modules.side_network import SideNetwork
 from .backbone import (
     BackboneError,
@@ -142,7 +142,7 @@ def check_config(cfg: LongMemConfig, backbone_decoder) -> None:
         )
 
 
-class LongMemDecoder(FairseqDecoder):
+class LongMemDecoder(MemoryOwner, FairseqDecoder):
     """Backbone + side network + one memory bank per batch row, per data split."""
 
     def __init__(self, cfg: LongMemConfig, dictionary, backbone_decoder):
@@ -163,11 +163,9 @@ class LongMemDecoder(FairseqDecoder):
             tune_lm_head=cfg.tune_lm_head,
             dropout=cfg.side_dropout,
         )
-        self.memories: Dict[str, object] = {}
-        self.last_stats: Dict[str, Tensor] = {}
-        # set True to keep the last segment's retrieval (probes, tests); off in training
-        self.record_retrieval = False
-        self.last_retrieval = None
+        # an unused gate would stall DDP (no gradient): train it only when memory is on
+        self.side.memory_gate.requires_grad_(bool(cfg.use_external_memory))
+        self.init_memory_state()
 
     # -------------------------------------------------------------- plumbing
     def train(self, mode: bool = True):
@@ -182,38 +180,6 @@ class LongMemDecoder(FairseqDecoder):
         if self.side.output_projection is not None:
             return self.side.output_projection(features)
         return self.backbone.output_layer(features)
-
-    def reset_memory(self, memory_key: Optional[str] = None) -> None:
-        """Forget every memory (or the one of ``memory_key``)."""
-        if memory_key is None:
-            self.memories.clear()
-        else:
-            self.memories.pop(memory_key, None)
-
-    def get_memory(self, memory_key: str, bsz: int, heads: int, head_dim: int, device, dtype):
-        bank = self.memories.get(memory_key)
-        if bank is not None and bank.num_streams != bsz:
-            logger.warning(
-                "memory %r held %d streams and now gets a batch of %d rows: starting it empty",
-                memory_key, bank.num_streams, bsz,
-            )
-            bank = None
-        if bank is None:
-            cfg = self.cfg
-            mem_dtype = dtype if cfg.memory_dtype == "auto" else resolve_dtype(cfg.memory_dtype)
-            bank = build_memory(
-                backend=str(cfg.memory_backend),
-                num_streams=bsz,
-                num_heads=heads,
-                head_dim=head_dim,
-                memory_size=cfg.memory_size,
-                chunk_size=cfg.chunk_size,
-                dtype=mem_dtype,
-                device=torch.device("cpu") if cfg.memory_on_cpu else device,
-                cfg=cfg,
-            )
-            self.memories[memory_key] = bank
-        return bank
 
     # --------------------------------------------------------------- forward
     def forward(
@@ -281,25 +247,11 @@ class LongMemDecoder(FairseqDecoder):
         return -(-self.cfg.memory_size // tokens_per_sample) + 1
 
     def _memory_reader(self, bank, query_mask: Tensor):
-        gate = self.side.memory_gate
-        k = self.cfg.k
-        attn_dropout = self.side.layers[self.side.memory_layer].self_attn.dropout_module.p
-
-        def read(q: Tensor, local: Tensor) -> Tensor:
-            got = bank.search(q.detach(), k, query_mask)
-            if self.record_retrieval:
-                self.last_retrieval = got
-            mem_out, has_memory = memory_attention(
-                q, got.keys.to(q.device), got.values.to(q.device), got.mask.to(q.device),
-                dropout_p=attn_dropout, training=self.training,
-            )
-            self.last_stats = {
-                "memory_read_frac": has_memory.float().mean().detach(),
-                "memory_gate": torch.sigmoid(gate.detach().float()).mean(),
-            }
-            return gate_mix(local, mem_out, gate, has_memory)
-
-        return read
+        layer = self.side.layers[self.side.memory_layer]
+        return joint_memory_reader(
+            self, lambda q: bank, query_mask, self.side.memory_gate, self.cfg.k,
+            layer.self_attn.dropout_module.p,
+        )
 
 
 def segment_boundaries(doc_start: Optional[Tensor], tokens: Tensor, pad: int):

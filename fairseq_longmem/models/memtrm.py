@@ -13,7 +13,7 @@ against, so that both run from the same commands, data order and memory module.
 Shared with LongMem, not copied: the layer forward with a memory hook and
 key/value output (:func:`~fairseq_longmem.modules.decoder_layer.layer_forward`),
 the joint attention (:func:`memory_attention`, :func:`gate_mix`), the memory
-backends (:func:`build_memory`, through :meth:`LongMemDecoder.get_memory`), and
+backends (:func:`build_memory`, through :class:`MemoryOwner`), and
 the per-row memory protocol (:func:`segment_boundaries`, ``memory_key``).
 
 Per segment: embed -> layers (layer m reads memory written by *earlier*
@@ -25,7 +25,7 @@ command as LongMem with ``--arch memtrm_*`` (there is no
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -40,11 +40,11 @@ from omegaconf import II
 from torch import Tensor, nn
 
 from ..modules.decoder_layer import decoder_attn_bias, embed, final_features, layer_forward
-from ..modules.joint_attention import gate_mix, memory_attention
 from ..modules.memory_bank import check_memory_config
 from ..modules.memory_factory import MEMORY_BACKENDS
+from ..modules.memory_reader import MemoryOwner, joint_memory_reader
 from .backbone import BackboneError, build_backbone, dumps_config, load_backbone, loads_config
-from .longmem import LongMemDecoder, segment_boundaries
+from .longmem import segment_boundaries
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +146,8 @@ def check_memtrm_config(cfg: MemTRMConfig, decoder) -> None:
         )
 
 
-class MemTRMDecoder(FairseqDecoder):
+class MemTRMDecoder(MemoryOwner, FairseqDecoder):
     """The whole backbone decoder, trainable, whose layer m reads its own past k/v."""
-
-    # the memory plumbing is LongMem's (one bank per memory_key, built by build_memory
-    # from the same config fields, reset on request): reuse it rather than copy it
-    get_memory = LongMemDecoder.get_memory
-    reset_memory = LongMemDecoder.reset_memory
 
     def __init__(self, cfg: MemTRMConfig, dictionary, net):
         super().__init__(dictionary)
@@ -168,11 +163,9 @@ class MemTRMDecoder(FairseqDecoder):
                 layer.dropout_module.p = cfg.side_dropout
         for p in self.parameters():
             p.requires_grad_(True)
-        self.memories: Dict[str, object] = {}
-        self.last_stats: Dict[str, Tensor] = {}
-        # set True to keep the last segment's retrieval (probes, tests); off in training
-        self.record_retrieval = False
-        self.last_retrieval = None
+        # an unused gate would stall DDP (no gradient): train it only when memory is on
+        self.memory_gate.requires_grad_(bool(cfg.use_external_memory))
+        self.init_memory_state()
         # set True to keep the last segment's layer-m keys/values (what was written)
         self.record_written = False
         self.last_written = None
@@ -234,29 +227,17 @@ class MemTRMDecoder(FairseqDecoder):
         return self.output_layer(x), extra
 
     def _memory_reader(self, memory_key: str, query_mask: Tensor, held: dict):
-        gate = self.memory_gate
-        k = self.cfg.k
-        attn_dropout = self.net.layers[self.retrieval_layer].self_attn.dropout_module.p
-
-        def read(q: Tensor, local: Tensor) -> Tensor:
+        def get_bank(q: Tensor):
             # the bank takes the dtype of this layer's keys (q has the same dtype)
             bsz, heads, _, head_dim = q.shape
-            bank = self.get_memory(memory_key, bsz, heads, head_dim, q.device, q.dtype)
-            held["bank"] = bank
-            got = bank.search(q.detach(), k, query_mask)
-            if self.record_retrieval:
-                self.last_retrieval = got
-            mem_out, has_memory = memory_attention(
-                q, got.keys.to(q.device), got.values.to(q.device), got.mask.to(q.device),
-                dropout_p=attn_dropout, training=self.training,
-            )
-            self.last_stats = {
-                "memory_read_frac": has_memory.float().mean().detach(),
-                "memory_gate": torch.sigmoid(gate.detach().float()).mean(),
-            }
-            return gate_mix(local, mem_out, gate, has_memory)
+            held["bank"] = self.get_memory(memory_key, bsz, heads, head_dim, q.device, q.dtype)
+            return held["bank"]
 
-        return read
+        layer = self.net.layers[self.retrieval_layer]
+        return joint_memory_reader(
+            self, get_bank, query_mask, self.memory_gate, self.cfg.k,
+            layer.self_attn.dropout_module.p,
+        )
 
 
 @register_model("memtrm", dataclass=MemTRMConfig)
