@@ -42,6 +42,7 @@ setup(
             "longmem-train = fairseq_longmem.cli:train",
             "longmem-eval-lm = fairseq_longmem.cli:eval_lm",
             "longmem-preprocess = fairseq_longmem.preprocess.prepare_corpus:main",
+            "longmem-report = fairseq_longmem.eval.report:main",
         ]
     },
 )

@@ -4,6 +4,7 @@ Importing this package registers with fairseq:
 
 * task ``longmem_language_modeling`` (documents as streams),
 * model ``longmem`` (arches ``longmem_tiny``, ``longmem_small``, ``longmem_gpt2_medium``),
+* model ``memtrm`` (the MemTRM baseline: ``memtrm_tiny``, ``memtrm_small``, ``memtrm_gpt2_medium``),
 * model ``alibi_lm`` (the default backbone: ``alibi_lm_tiny`` .. ``alibi_lm_gpt2_medium``),
 * criterion ``longmem_cross_entropy``.
 
