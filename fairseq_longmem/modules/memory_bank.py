@@ -10,7 +10,10 @@ Layout (torch backend, one bank for all streams of a batch, one ring per row):
   static shape and needs no host synchronisation.
 * ``chunk_keys``: ``(bsz, heads, memory_size // chunk_size, head_dim)``, the
   mean of each chunk's token keys, recomputed only for the chunks a write
-  touches (O(segment) per write, whatever the fill).
+  touches (O(segment) per write, whatever the fill). Stored in the memory
+  dtype on accelerators and in fp32 on CPU (CPU half-precision matmuls are
+  slow, and converting them at every search costs O(memory)): 1/chunk_size of
+  the key storage.
 * ``total``: ``(bsz,)`` tokens written to each row since its last reset. The
   logical token ``i`` of a row lives in slot ``i % memory_size``. A chunk is
   searchable once its ``chunk_size`` tokens are all written and none of them
@@ -105,19 +108,37 @@ def chunk_validity(
     total: ``(bsz,)`` tokens written since reset. Returns ``(valid, logical)``
     both ``(bsz, num_chunks)``: ``valid`` bool, ``logical`` the logical chunk
     number held by each slot (meaningful where valid).
+
+    Slot ``s`` holds the newest *complete* logical chunk ``l = s (mod n)``,
+    ``l <= total // chunk_size - 1``; it is valid while none of its tokens has
+    been overwritten, i.e. ``l * chunk_size >= total - memory_size``. (The
+    valid chunks are the logical range :func:`valid_chunk_range` gives.)
     """
     memory_size = num_chunks * chunk_size
     slots = torch.arange(num_chunks, device=total.device)
-    cur = total // chunk_size  # logical chunk being filled (or next to fill)
-    logical = cur[:, None] - torch.remainder(cur[:, None] - slots[None, :], num_chunks)
-    complete = (logical + 1) * chunk_size <= total[:, None]
+    last = total // chunk_size - 1  # newest complete logical chunk (-1: none)
+    logical = last[:, None] - torch.remainder(last[:, None] - slots[None, :], num_chunks)
     retained = logical * chunk_size >= (total[:, None] - memory_size)
-    valid = (logical >= 0) & complete & retained
+    valid = (logical >= 0) & retained
     return valid, logical
 
 
+def valid_chunk_range(total: int, memory_size: int, chunk_size: int) -> tuple[int, int]:
+    """Host-side ``[lo, hi)`` logical chunks of one row that are searchable."""
+    hi = total // chunk_size
+    lo = max(0, -(-(total - memory_size) // chunk_size))
+    return lo, max(lo, hi)
+
+
+SCORE_BLOCK_ELEMENTS = 1 << 28  # bound on one block of query x chunk scores
+
+
 def topk_chunks(
-    queries: Tensor, chunk_keys: Tensor, valid: Tensor, num_chunks: int
+    queries: Tensor,
+    chunk_keys: Tensor,
+    valid: Tensor,
+    num_chunks: int,
+    block_elements: int = SCORE_BLOCK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
     """Top ``num_chunks`` chunks per query by inner product.
 
@@ -125,12 +146,37 @@ def topk_chunks(
     valid: ``(bsz, n)`` bool. Returns ``(index, ok)`` of shape
     ``(bsz, heads, tgt_len, num_chunks)``; ``ok`` is False where fewer valid
     chunks than asked exist. Ties go to ``torch.topk``'s (deterministic) order.
+
+    Scores are computed in the storage dtype on accelerators and in fp32 on
+    CPU (CPU half-precision matmuls are slow); the score matrix is built in
+    blocks of queries of at most ``block_elements`` entries (a static loop, no
+    host synchronisation) so that a 65k-token memory at batch 8 x 16 heads x
+    1024 queries does not materialise 2^31 scores at once.
     """
-    scores = torch.matmul(queries.to(chunk_keys.dtype), chunk_keys.transpose(-1, -2))
-    scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
-    top = min(num_chunks, scores.size(-1))
-    values, index = scores.topk(top, dim=-1)
-    ok = torch.isfinite(values)
+    ck = chunk_keys
+    if ck.device.type == "cpu" and ck.dtype != torch.float32:
+        ck = ck.float()
+    ckt = ck.transpose(-1, -2)
+    q = queries.to(device=ck.device, dtype=ck.dtype)
+    bsz, heads, tgt_len, _ = q.shape
+    n = ck.size(-2)
+    top = min(num_chunks, n)
+    invalid = ~valid[:, None, None, :]
+    step = max(1, block_elements // max(1, bsz * heads * n))
+    idx_blocks, ok_blocks = [], []
+    for s in range(0, tgt_len, step):
+        scores = torch.matmul(q[:, :, s : s + step], ckt)
+        scores.masked_fill_(invalid, float("-inf"))
+        values, index = scores.topk(top, dim=-1)
+        idx_blocks.append(index)
+        ok_blocks.append(torch.isfinite(values))
+    if len(idx_blocks) == 1:
+        index, ok = idx_blocks[0], ok_blocks[0]
+    elif idx_blocks:
+        index, ok = torch.cat(idx_blocks, 2), torch.cat(ok_blocks, 2)
+    else:  # no queries
+        index = torch.zeros(bsz, heads, 0, top, dtype=torch.long, device=ck.device)
+        ok = torch.zeros(bsz, heads, 0, top, dtype=torch.bool, device=ck.device)
     if top < num_chunks:  # memory smaller than asked: pad with invalid entries
         pad = num_chunks - top
         index = torch.nn.functional.pad(index, (0, pad))
@@ -159,10 +205,22 @@ def gather_chunk_tokens(store: Tensor, chunk_index: Tensor, chunk_size: int) -> 
     return out.view(bsz, heads, tgt_len, kc * chunk_size, d)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16 -> "fp16"`` (the names :func:`resolve_dtype` reads)."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
 class MemoryBank:
     """Exact chunked memory in torch, one ring buffer per stream (batch row).
 
-    Nothing here is differentiated: writes store detached tensors.
+    Nothing here is differentiated: writes store detached tensors. ``search``
+    accepts queries (and ``query_mask``) on any device and returns tensors on
+    the bank's device, so a bank built with ``device="cpu"`` serves a model on
+    GPU (the model moves the retrieved pairs back, see ``--memory-on-cpu``).
+
+    Subclasses (:mod:`.faiss_memory`) keep this ring buffer for the tokens and
+    override only how chunks are chosen (:meth:`_select_chunks`) and the hooks
+    :meth:`_after_write` / :meth:`_after_reset`.
     """
 
     backend = "torch"
@@ -177,8 +235,15 @@ class MemoryBank:
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device | str] = None,
     ):
-        if memory_size % chunk_size != 0:
+        if chunk_size < 1 or memory_size < chunk_size or memory_size % chunk_size != 0:
             check_memory_config(memory_size, chunk_size, chunk_size)
+        if min(num_streams, num_heads, head_dim) < 1:
+            raise MemoryConfigError(
+                f"a memory needs >= 1 stream, head and head dim, got {num_streams} streams x "
+                f"{num_heads} heads x head_dim {head_dim}"
+            )
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise MemoryConfigError(f"memory dtype {dtype} unsupported: use fp32, fp16 or bf16")
         self.num_streams = num_streams
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -191,23 +256,73 @@ class MemoryBank:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.chunk_keys = torch.zeros(
-            (num_streams, num_heads, self.num_chunks, head_dim), dtype=dtype, device=device
+            (num_streams, num_heads, self.num_chunks, head_dim),
+            dtype=self._chunk_dtype(device), device=device,
         )
         self.total = torch.zeros(num_streams, dtype=torch.long, device=device)
+        # work done by the last write, per row and head (python ints from shapes:
+        # no host sync); tests use it to check that a write is O(segment)
+        self.last_write_cost: dict = {}
 
     # ------------------------------------------------------------------ state
     @property
     def device(self) -> torch.device:
         return self.keys.device
 
+    def _chunk_dtype(self, device: torch.device) -> torch.dtype:
+        return torch.float32 if torch.device(device).type == "cpu" else self.dtype
+
     def to(self, device) -> "MemoryBank":
-        for name in ("keys", "values", "chunk_keys", "total"):
+        device = torch.device(device)
+        for name in ("keys", "values", "total"):
             setattr(self, name, getattr(self, name).to(device))
+        self.chunk_keys = self.chunk_keys.to(device, self._chunk_dtype(device))
         return self
 
     def fill(self) -> Tensor:
         """Tokens currently retrievable or waiting in a partial chunk, ``(bsz,)``."""
         return self.total.clamp(max=self.memory_size)
+
+    def config(self) -> dict:
+        """What identifies this memory's layout (saved with it, checked on load)."""
+        return {
+            "backend": self.backend,
+            "num_streams": self.num_streams,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "memory_size": self.memory_size,
+            "chunk_size": self.chunk_size,
+            "dtype": dtype_name(self.dtype),
+        }
+
+    def backend_params(self) -> dict:
+        """Backend knobs needed to rebuild this bank (none for torch)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Host copies of the ring (the whole content of a torch bank)."""
+        return {
+            "keys": self.keys.cpu(),
+            "values": self.values.cpu(),
+            "chunk_keys": self.chunk_keys.cpu(),
+            "total": self.total.cpu(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("keys", "values", "chunk_keys", "total"):
+            cur = getattr(self, name)
+            got = state[name]
+            # chunk keys are fp32 on CPU, the memory dtype elsewhere: either is fine
+            ok_dtype = got.dtype == cur.dtype or (
+                name == "chunk_keys" and got.dtype in (torch.float32, self.dtype)
+            )
+            if tuple(got.shape) != tuple(cur.shape) or not ok_dtype:
+                raise MemoryConfigError(
+                    f"saved memory tensor {name!r} is {tuple(got.shape)} {got.dtype}, this bank "
+                    f"expects {tuple(cur.shape)} {cur.dtype}: the file does not match its own "
+                    "header (corrupt?); rebuild the memory"
+                )
+            setattr(self, name, got.to(device=cur.device, dtype=cur.dtype).clone())
 
     def reset(self, rows: Optional[Tensor] = None) -> None:
         """Forget everything of the rows where ``rows`` (bool ``(bsz,)``) is True."""
@@ -215,6 +330,10 @@ class MemoryBank:
             self.total.zero_()
         else:
             self.total.masked_fill_(rows.to(self.total.device), 0)
+        self._after_reset(rows)
+
+    def _after_reset(self, rows: Optional[Tensor]) -> None:
+        """Hook for backends with search structures (torch: nothing to do)."""
 
     # ------------------------------------------------------------------ write
     def write(
@@ -227,10 +346,17 @@ class MemoryBank:
         """Append tokens ``[start, end)`` of every row, in order.
 
         keys, values: ``(bsz, heads, seg_len, head_dim)``; start, end: ``(bsz,)``
-        long (default: whole segment). Cost O(seg_len) whatever the fill.
+        long (default: whole segment). Cost O(seg_len) whatever the fill: the
+        tokens outside a row's window go to the scratch slot, and only the
+        chunks the write touched get their mean key recomputed.
         """
         bsz, heads, seg_len, d = keys.shape
         self._check_shape(bsz, heads, d)
+        if tuple(values.shape) != tuple(keys.shape):
+            raise MemoryConfigError(
+                f"memory write: keys {tuple(keys.shape)} and values {tuple(values.shape)} "
+                "must have the same shape (bsz, heads, seg_len, head_dim)"
+            )
         dev = self.device
         keys = keys.detach().to(device=dev, dtype=self.dtype)
         values = values.detach().to(device=dev, dtype=self.dtype)
@@ -239,21 +365,35 @@ class MemoryBank:
         if end is None:
             end = torch.full((bsz,), seg_len, dtype=torch.long, device=dev)
         start, end = start.to(dev), end.to(dev)
-        # only the last memory_size tokens of a write can survive it
-        start = torch.maximum(start, end - self.memory_size)
+        # every token of [start, end) counts (chunks group tokens by their
+        # position in the stream), but only the last memory_size can survive
+        # the write, so only those are stored (distinct slots: no scatter race)
+        first_kept = torch.maximum(start, end - self.memory_size)
         t = torch.arange(seg_len, device=dev)
-        keep = (t[None, :] >= start[:, None]) & (t[None, :] < end[:, None])
+        keep = (t[None, :] >= first_kept[:, None]) & (t[None, :] < end[:, None])
         logical = self.total[:, None] + t[None, :] - start[:, None]
         slot = torch.where(keep, torch.remainder(logical, self.memory_size), self.memory_size)
-        index = slot[:, None, :, None].expand(bsz, heads, seg_len, d)
-        self.keys.scatter_(2, index, keys)
-        self.values.scatter_(2, index, values)
+        # one flat index_copy_ per store (scatter_ on a CPU fp16 tensor copies
+        # the whole store: O(memory)); duplicates only hit the scratch slot
+        rows = torch.arange(bsz * heads, device=dev).view(bsz, heads, 1) * (self.memory_size + 1)
+        flat = (rows + slot[:, None, :]).reshape(-1)
+        self.keys.view(-1, d).index_copy_(0, flat, keys.reshape(-1, d))
+        self.values.view(-1, d).index_copy_(0, flat, values.reshape(-1, d))
         before = self.total
         self.total = self.total + (end - start).clamp(min=0)
-        self._refresh_chunk_keys(before, seg_len)
+        n = self._refresh_chunk_keys(before, seg_len)
+        self.last_write_cost = {"token_slots": seg_len, "chunk_slots": n}
+        self._after_write(before, self.total)
 
-    def _refresh_chunk_keys(self, before: Tensor, seg_len: int) -> None:
-        """Recompute the mean key of every chunk the last write touched."""
+    def _after_write(self, before: Tensor, after: Tensor) -> None:
+        """Hook for backends with search structures (torch: nothing to do)."""
+
+    def _refresh_chunk_keys(self, before: Tensor, seg_len: int) -> int:
+        """Recompute the mean key of every chunk the last write touched.
+
+        A write of ``seg_len`` tokens starting anywhere inside a chunk touches
+        at most ``seg_len // chunk_size + 2`` chunks. Returns that count.
+        """
         n = min(seg_len // self.chunk_size + 2, self.num_chunks)
         first = before // self.chunk_size
         cidx = torch.remainder(
@@ -262,10 +402,13 @@ class MemoryBank:
         bsz, heads = self.num_streams, self.num_heads
         ck = cidx[:, None, :, None].expand(bsz, heads, n, 1)
         tokens = gather_chunk_tokens(self.keys, ck, self.chunk_size)  # (b,h,n,c,d)
-        means = tokens.float().mean(-2).to(self.dtype)  # (b,h,n,d)
-        self.chunk_keys.scatter_(
-            2, cidx[:, None, :, None].expand(bsz, heads, n, self.head_dim), means
+        means = tokens.float().mean(-2).to(self.chunk_keys.dtype)  # (b,h,n,d)
+        rows = torch.arange(bsz * heads, device=self.device).view(bsz, heads, 1) * self.num_chunks
+        flat = (rows + cidx[:, None, :]).reshape(-1)
+        self.chunk_keys.view(-1, self.head_dim).index_copy_(
+            0, flat, means.reshape(-1, self.head_dim)
         )
+        return n
 
     # ----------------------------------------------------------------- search
     def search(
@@ -273,25 +416,50 @@ class MemoryBank:
     ) -> Retrieved:
         """Token-to-chunk retrieval: top ``k // chunk_size`` chunks per query.
 
-        queries: ``(bsz, heads, tgt_len, head_dim)``; query_mask: ``(bsz, tgt_len)``
-        bool, False for queries that must see no memory (e.g. a new document).
+        queries: ``(bsz, heads, tgt_len, head_dim)`` on any device; query_mask:
+        ``(bsz, tgt_len)`` bool, False for queries that must see no memory (e.g.
+        a new document). Returns a :class:`Retrieved` on the bank's device.
         """
+        return self._search(queries, k, query_mask, self._select_chunks)
+
+    def search_exact(
+        self, queries: Tensor, k: int, query_mask: Optional[Tensor] = None
+    ) -> Retrieved:
+        """:meth:`search` with the exact torch top-k whatever the backend (the
+        reference approximate backends are measured against)."""
+        return self._search(queries, k, query_mask, MemoryBank._select_chunks.__get__(self))
+
+    def _search(self, queries, k, query_mask, select) -> Retrieved:
         bsz, heads, tgt_len, d = queries.shape
         self._check_shape(bsz, heads, d)
-        if k % self.chunk_size != 0:
+        if k % self.chunk_size != 0 or k > self.memory_size or k < 1:
             check_memory_config(self.memory_size, self.chunk_size, k)
+        if query_mask is not None:
+            if tuple(query_mask.shape) != (bsz, tgt_len):
+                raise MemoryConfigError(
+                    f"query_mask must be (bsz, tgt_len) = {(bsz, tgt_len)}, got "
+                    f"{tuple(query_mask.shape)}"
+                )
+            query_mask = query_mask.to(device=self.device, dtype=torch.bool)
         valid, logical = chunk_validity(self.total, self.num_chunks, self.chunk_size)
         kc = k // self.chunk_size
-        index, ok = topk_chunks(queries.to(self.device), self.chunk_keys, valid, kc)
+        index, ok = select(queries.detach(), kc, valid, query_mask)
         mem_k = gather_chunk_tokens(self.keys, index, self.chunk_size)
         mem_v = gather_chunk_tokens(self.values, index, self.chunk_size)
         if query_mask is not None:
-            ok = ok & query_mask.to(self.device)[:, None, :, None]
+            ok = ok & query_mask[:, None, :, None]
         chunk_logical = torch.gather(
             logical[:, None, None, :].expand(bsz, heads, tgt_len, self.num_chunks), 3, index
         ).masked_fill(~ok, -1)
         mask = ok.repeat_interleave(self.chunk_size, dim=-1)
         return Retrieved(mem_k, mem_v, mask, index, chunk_logical)
+
+    def _select_chunks(
+        self, queries: Tensor, kc: int, valid: Tensor, query_mask: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """``(index, ok)`` ring chunk slots per query, ``(bsz, heads, tgt_len, kc)``
+        on the bank's device. Exact: one batched matmul plus top-k."""
+        return topk_chunks(queries.to(self.device), self.chunk_keys, valid, kc)
 
     def _check_shape(self, bsz: int, heads: int, d: int) -> None:
         if (bsz, heads, d) != (self.num_streams, self.num_heads, self.head_dim):
