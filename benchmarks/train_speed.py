@@ -238,13 +238,14 @@ COUNTS = {"fused_search_calls": 0}
 
 @contextmanager
 def search_impl(choice: str, timer: "SectionTimer"):
-    """Route the torch bank's chunk search (``memory_bank.topk_chunks``) through
-    ``timer`` ("topk": the search alone, without the gather) and, for
-    ``--search fused``, to :func:`fused_search.fused_topk_chunks`."""
+    """Route the torch bank's chunk search (``memory_bank.search_chunks``) through
+    ``timer`` ("topk": the search alone, without the gather): ``--search torch``
+    to the plain matmul + top-k (``memory_bank.topk_chunks``), ``--search fused``
+    to :func:`fused_search.fused_topk_chunks` (the bank's default on CUDA)."""
     from fairseq_longmem.modules import memory_bank
 
-    saved = memory_bank.topk_chunks
-    impl = saved
+    saved = memory_bank.search_chunks
+    impl = memory_bank.topk_chunks
     if choice == "fused":
         from fairseq_longmem.modules.fused_search import fused_topk_chunks
 
@@ -252,11 +253,11 @@ def search_impl(choice: str, timer: "SectionTimer"):
             COUNTS["fused_search_calls"] += 1
             return fused_topk_chunks(*a, **kw)
 
-    memory_bank.topk_chunks = timer.wrap("topk", impl)
+    memory_bank.search_chunks = timer.wrap("topk", impl)
     try:
         yield
     finally:
-        memory_bank.topk_chunks = saved
+        memory_bank.search_chunks = saved
 
 
 def sync(device):

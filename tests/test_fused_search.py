@@ -270,3 +270,36 @@ def test_every_kernel_config_cuda(dtype):
         assert torch.equal(ok, ref_ok), str(cfg)
         got = s.gather(-1, index)
         assert (got - exact).abs().max() <= 1e-4, str(cfg)
+
+
+def test_memory_bank_dispatch_on_cpu_is_the_plain_path():
+    from fairseq_longmem.modules import memory_bank
+
+    torch.manual_seed(0)
+    q, ck = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 40, 8)
+    valid = torch.rand(2, 40) > 0.2
+    a = memory_bank.search_chunks(q, ck, valid, 4)
+    b = memory_bank.topk_chunks(q, ck, valid, 4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@cuda_only
+def test_memory_bank_uses_kernel_on_cuda_and_agrees(monkeypatch):
+    """A full bank on CUDA searches through the kernel and retrieves what the plain path does."""
+    from fairseq_longmem.modules import fused_search
+    from fairseq_longmem.modules.memory_bank import MemoryBank
+
+    torch.manual_seed(0)
+    bank = MemoryBank(2, 4, 64, memory_size=4096, chunk_size=4, dtype=torch.bfloat16, device="cuda")
+    for _ in range(5):
+        bank.write(torch.randn(2, 4, 1024, 64, device="cuda"), torch.randn(2, 4, 1024, 64, device="cuda"))
+    q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = fused_search.fused_topk_chunks
+    monkeypatch.setattr(fused_search, "fused_topk_chunks", lambda *a: calls.append(1) or real(*a))
+    fused = bank.search(q, 64)
+    monkeypatch.setenv("LONGMEM_FUSED_SEARCH", "0")
+    plain = bank.search(q, 64)
+    assert calls, "the kernel was not used"
+    same = (fused.chunk_index.sort(-1).values == plain.chunk_index.sort(-1).values).float().mean()
+    assert same > 0.99  # bf16 near-ties aside

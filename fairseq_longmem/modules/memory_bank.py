@@ -184,6 +184,21 @@ def topk_chunks(
     return index, ok
 
 
+def search_chunks(
+    queries: Tensor, chunk_keys: Tensor, valid: Tensor, num_chunks: int
+) -> tuple[Tensor, Tensor]:
+    """Exact chunk selection on the bank's device: the fused Triton kernel on CUDA
+    (no score matrix in memory, :mod:`.fused_search`), else :func:`topk_chunks`.
+    Both return the same chunks (tie order aside); ``LONGMEM_FUSED_SEARCH=0``
+    forces the plain path."""
+    from .fused_search import fused_supported, fused_topk_chunks
+
+    q = queries.to(device=chunk_keys.device, dtype=chunk_keys.dtype)
+    if fused_supported(q, chunk_keys, num_chunks):
+        return fused_topk_chunks(q, chunk_keys, valid, num_chunks)
+    return topk_chunks(queries, chunk_keys, valid, num_chunks)
+
+
 def gather_chunk_tokens(store: Tensor, chunk_index: Tensor, chunk_size: int) -> Tensor:
     """Read every token of the chosen chunks.
 
@@ -458,8 +473,8 @@ class MemoryBank:
         self, queries: Tensor, kc: int, valid: Tensor, query_mask: Optional[Tensor]
     ) -> tuple[Tensor, Tensor]:
         """``(index, ok)`` ring chunk slots per query, ``(bsz, heads, tgt_len, kc)``
-        on the bank's device. Exact: one batched matmul plus top-k."""
-        return topk_chunks(queries.to(self.device), self.chunk_keys, valid, kc)
+        on the bank's device. Exact: a fused kernel on CUDA, matmul plus top-k elsewhere."""
+        return search_chunks(queries.to(self.device), self.chunk_keys, valid, kc)
 
     def _check_shape(self, bsz: int, heads: int, d: int) -> None:
         if (bsz, heads, d) != (self.num_streams, self.num_heads, self.head_dim):
