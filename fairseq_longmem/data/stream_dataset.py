@@ -208,6 +208,8 @@ class StreamBatches(torch.utils.data.Dataset):
             "doc_start": item["doc_start"],
             "memory_key": self.memory_key,
         }
+        if item["id"] == self.num_batches - 1:
+            net_input["last_segment"] = True
         if "replay_src" in item:
             net_input["replay_tokens"] = item["replay_src"]
             net_input["replay_doc_start"] = item["replay_doc_start"]

@@ -85,6 +85,12 @@ class LongMemConfig(FairseqDataclass):
     memory_ivf_nlist: int = field(default=1024, metadata={"help": "faiss-ivf: inverted lists"})
     memory_ivf_nprobe: int = field(default=32, metadata={"help": "faiss-ivf: lists probed"})
     memory_hnsw_m: int = field(default=32, metadata={"help": "faiss-hnsw: graph degree"})
+    memory_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "a saved memory: if the file exists, each stream starts from it "
+                  "(its first segment does not reset it); after the last segment of a pass "
+                  "the memory is saved there (versioned; checked against this model)"},
+    )
     memory_gate_init: float = field(
         default=0.0, metadata={"help": "initial gate logit g; sigmoid(g) is memory's share"}
     )
@@ -191,6 +197,7 @@ class LongMemDecoder(MemoryOwner, FairseqDecoder):
         features_only: bool = False,
         replay_tokens: Optional[Tensor] = None,
         replay_doc_start: Optional[Tensor] = None,
+        last_segment: bool = False,
         **unused,
     ):
         """prev_output_tokens ``(bsz, tgt_len)``; doc_start ``(bsz, tgt_len)`` bool:
@@ -209,6 +216,12 @@ class LongMemDecoder(MemoryOwner, FairseqDecoder):
             bank = self.get_memory(
                 memory_key, bsz, mem_k.size(1), mem_k.size(3), tokens.device, mem_k.dtype
             )
+            if self.cfg.memory_path and memory_key not in self.memories_seen:
+                bank = self.load_saved_memory(memory_key, bank)
+                if doc_start is not None:  # a loaded memory precedes the stream: keep it
+                    doc_start = doc_start.clone()
+                    doc_start[:, 0] = False
+            self.memories_seen.add(memory_key)
             query_mask, reset_rows, write_start, write_end = segment_boundaries(
                 doc_start, tokens, self.dictionary.pad()
             )
@@ -219,10 +232,51 @@ class LongMemDecoder(MemoryOwner, FairseqDecoder):
                 bank.reset(reset_rows)
                 bank.write(mem_k, mem_v, start=write_start, end=write_end)
                 self.last_stats["memory_fill"] = bank.fill().float().mean()
+            if last_segment and self.cfg.memory_path:
+                self.save_memory(memory_key, self.cfg.memory_path)
+                self.memories_seen.discard(memory_key)
         extra = {"inner_states": hiddens, "memory_stats": dict(self.last_stats)}
         if features_only:
             return x, extra
         return self.output_layer(x), extra
+
+    def memory_identity(self, bank=None) -> dict:
+        """What a saved memory records about its model (``meta``); with ``bank``,
+        also the memory layout it must have to be reused (``expected``)."""
+        import hashlib
+
+        meta = {
+            "retrieval_layer_index": self.retrieval_layer,
+            "backbone_sha1": hashlib.sha1(self.cfg.backbone_config.encode()).hexdigest(),
+        }
+        if bank is not None:
+            meta.update(num_streams=bank.num_streams, num_heads=bank.num_heads,
+                        head_dim=bank.head_dim, memory_size=bank.memory_size,
+                        chunk_size=bank.chunk_size)
+        return meta
+
+    def load_saved_memory(self, memory_key: str, bank):
+        """``--memory-path``: replace a fresh bank by the saved one, if the file exists."""
+        import os
+
+        from ..modules.memory_io import load_memory
+
+        if not os.path.exists(self.cfg.memory_path):
+            logger.info("--memory-path %s does not exist yet: starting empty", self.cfg.memory_path)
+            return bank
+        loaded = load_memory(self.cfg.memory_path, expected=self.memory_identity(bank),
+                             device=bank.device, cfg=self.cfg)
+        self.memories[memory_key] = loaded
+        logger.info("memory %r loaded from %s", memory_key, self.cfg.memory_path)
+        return loaded
+
+    def save_memory(self, memory_key: str, path: str) -> None:
+        """Write the memory of ``memory_key`` to ``path`` (atomic, versioned)."""
+        from ..modules.memory_io import save_memory
+
+        bank = self.memories[memory_key]
+        save_memory(bank, path, self.memory_identity())
+        logger.info("memory %r saved to %s", memory_key, path)
 
     @torch.no_grad()
     def replay(self, tokens: Tensor, doc_start: Tensor, memory_key: str) -> None:

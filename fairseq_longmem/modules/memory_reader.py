@@ -23,6 +23,7 @@ class MemoryOwner:
 
     def init_memory_state(self) -> None:
         self.memories: Dict[str, object] = {}
+        self.memories_seen = set()  # keys whose saved memory (--memory-path) was considered
         self.last_stats: Dict[str, Tensor] = {}
         # set True to keep the last segment's retrieval (probes, tests); off in training
         self.record_retrieval = False
@@ -32,8 +33,10 @@ class MemoryOwner:
         """Forget every memory (or the one of ``memory_key``)."""
         if memory_key is None:
             self.memories.clear()
+            self.memories_seen.clear()
         else:
             self.memories.pop(memory_key, None)
+            self.memories_seen.discard(memory_key)
 
     def get_memory(self, memory_key: str, bsz: int, heads: int, head_dim: int, device, dtype):
         """The bank of ``memory_key``, made on first use (and anew if the batch size changed)."""

@@ -231,7 +231,7 @@ def accept_stream_inputs(model):
     inner = model.forward
 
     def forward(src_tokens, src_lengths=None, doc_start=None, memory_key=None,
-                replay_tokens=None, replay_doc_start=None, **kwargs):
+                replay_tokens=None, replay_doc_start=None, last_segment=None, **kwargs):
         return inner(src_tokens, src_lengths=src_lengths, **kwargs)
 
     model.forward = forward
