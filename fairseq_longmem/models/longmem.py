@@ -114,14 +114,21 @@ class LongMemConfig(FairseqDataclass):
 def check_config(cfg: LongMemConfig, backbone_decoder) -> None:
     """Every check that needs the backbone; clear message, before training starts."""
     layers = len(backbone_decoder.layers)
-    dim = backbone_decoder.embed_dim
-    heads = backbone_decoder.layers[0].self_attn.num_heads
     r = cfg.layer_reduction_factor
     if r < 1 or layers % r != 0:
         raise BackboneError(
             f"--layer-reduction-factor {r} does not divide the backbone's {layers} layers; "
             f"use a divisor of {layers} (the paper uses 2)"
         )
+    check_backbone_fit(cfg, backbone_decoder, "side network")
+
+
+def check_backbone_fit(cfg, decoder, network: str) -> None:
+    """Checks shared by LongMem and MemTRM: the memory layer, the width and heads an
+    arch preset expects, the memory knobs and the segment length, against ``decoder``."""
+    layers = len(decoder.layers)
+    dim = decoder.embed_dim
+    heads = decoder.layers[0].self_attn.num_heads
     if not 0 <= cfg.retrieval_layer_index < layers:
         raise BackboneError(
             f"--retrieval-layer-index {cfg.retrieval_layer_index} is outside the backbone "
@@ -129,17 +136,17 @@ def check_config(cfg: LongMemConfig, backbone_decoder) -> None:
         )
     if cfg.decoder_embed_dim is not None and cfg.decoder_embed_dim != dim:
         raise BackboneError(
-            f"side network width {cfg.decoder_embed_dim} differs from the backbone's {dim}: "
-            f"side layers are copies of backbone layers; use an --arch preset for a d={dim} "
+            f"{network} width {cfg.decoder_embed_dim} differs from the backbone's {dim}: "
+            f"its layers are copies of backbone layers; use an --arch preset for a d={dim} "
             f"backbone or --decoder-embed-dim {dim}"
         )
     if cfg.decoder_attention_heads is not None and cfg.decoder_attention_heads != heads:
         raise BackboneError(
-            f"side network heads {cfg.decoder_attention_heads} differ from the backbone's "
+            f"{network} heads {cfg.decoder_attention_heads} differ from the backbone's "
             f"{heads}; use --decoder-attention-heads {heads}"
         )
     check_memory_config(cfg.memory_size, cfg.chunk_size, cfg.k)
-    limit = backbone_decoder.max_positions()
+    limit = decoder.max_positions()
     tps = safe_getattr(cfg, "tokens_per_sample", None)
     if isinstance(tps, int) and limit is not None and tps > limit:
         raise BackboneError(

@@ -40,11 +40,10 @@ from omegaconf import II
 from torch import Tensor, nn
 
 from ..modules.decoder_layer import decoder_attn_bias, embed, final_features, layer_forward
-from ..modules.memory_bank import check_memory_config
 from ..modules.memory_factory import MEMORY_BACKENDS
 from ..modules.memory_reader import MemoryOwner, joint_memory_reader
-from .backbone import BackboneError, build_backbone, dumps_config, load_backbone, loads_config
-from .longmem import segment_boundaries
+from .backbone import build_backbone, dumps_config, load_backbone, loads_config
+from .longmem import check_backbone_fit, segment_boundaries
 
 logger = logging.getLogger(__name__)
 
@@ -116,42 +115,12 @@ class MemTRMConfig(FairseqDataclass):
     tokens_per_sample: int = II("task.tokens_per_sample")
 
 
-def check_memtrm_config(cfg: MemTRMConfig, decoder) -> None:
-    """Checks that need the network; clear messages before training starts."""
-    layers = len(decoder.layers)
-    dim = decoder.embed_dim
-    heads = decoder.layers[0].self_attn.num_heads
-    if not 0 <= cfg.retrieval_layer_index < layers:
-        raise BackboneError(
-            f"--retrieval-layer-index {cfg.retrieval_layer_index} is outside the network "
-            f"(layers 0..{layers - 1}); pick one in range"
-        )
-    if cfg.decoder_embed_dim is not None and cfg.decoder_embed_dim != dim:
-        raise BackboneError(
-            f"--arch expects width {cfg.decoder_embed_dim} but the backbone has {dim}; use "
-            f"the memtrm_* preset of a d={dim} backbone or --decoder-embed-dim {dim}"
-        )
-    if cfg.decoder_attention_heads is not None and cfg.decoder_attention_heads != heads:
-        raise BackboneError(
-            f"--arch expects {cfg.decoder_attention_heads} heads but the backbone has "
-            f"{heads}; use --decoder-attention-heads {heads}"
-        )
-    check_memory_config(cfg.memory_size, cfg.chunk_size, cfg.k)
-    limit = decoder.max_positions()
-    tps = safe_getattr(cfg, "tokens_per_sample", None)
-    if isinstance(tps, int) and limit is not None and tps > limit:
-        raise BackboneError(
-            f"--tokens-per-sample {tps} exceeds the backbone's {limit} positions; lower "
-            f"--tokens-per-sample to {limit}"
-        )
-
-
 class MemTRMDecoder(MemoryOwner, FairseqDecoder):
     """The whole backbone decoder, trainable, whose layer m reads its own past k/v."""
 
     def __init__(self, cfg: MemTRMConfig, dictionary, net):
         super().__init__(dictionary)
-        check_memtrm_config(cfg, net)
+        check_backbone_fit(cfg, net, "MemTRM network")
         self.cfg = cfg
         self.net = net
         self.retrieval_layer = cfg.retrieval_layer_index
