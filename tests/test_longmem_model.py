@@ -186,3 +186,24 @@ def test_dictionary_mismatch(tiny_backbone, tiny_data, tmp_path):
     (swapped / "dict.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(BackboneError, match="dictionary mismatch"):
         build_longmem(tiny_backbone, swapped)
+
+
+def test_transformer_lm_backbone(tiny_data, tmp_path, caplog):
+    """Any fairseq transformer_lm checkpoint is a backbone (learned positions here)."""
+    from conftest import run_fairseq
+
+    run_fairseq("train", [
+        tiny_data, "--task", "language_modeling", "--arch", "transformer_lm",
+        "--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,
+        "--decoder-attention-heads", 4, "--decoder-learned-pos", "--tokens-per-sample", 64,
+        "--batch-size", 4, "--optimizer", "adam", "--lr", "1e-3", "--max-update", 2,
+        "--save-dir", tmp_path, "--cpu", "--disable-validation", "--no-epoch-checkpoints",
+        "--sample-break-mode", "none"])
+    with caplog.at_level("WARNING"):
+        model, task = build_longmem(tmp_path / "checkpoint_last.pt", tiny_data,
+                                    decoder_embed_dim=32, retrieval_layer_index=1)
+    assert "encode absolute" in caplog.text
+    assert len(model.decoder.side.layers) == 1
+    logits = run(model, batches(task, n=3))
+    assert all(torch.isfinite(x).all() for x in logits)
+    assert model.decoder.memories["train"].fill().min() > 0

@@ -14,7 +14,7 @@ import os
 from typing import Any, Dict, Tuple
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from ..errors import LongMemError
 
@@ -82,11 +82,18 @@ def _why_unreadable(path: str, error: Exception) -> str:
 
 def backbone_config_from_state(state: Dict[str, Any], path: str) -> Dict[str, Any]:
     """The backbone's model config as a plain dict (interpolations resolved)."""
-    try:
-        cfg = OmegaConf.to_container(state["cfg"], resolve=True)
-    except Exception:
-        cfg = OmegaConf.to_container(state["cfg"], resolve=False)
-    model_cfg = dict(cfg.get("model") or {})
+    root = state["cfg"]
+    model_cfg = {}
+    model_node = root.get("model") if hasattr(root, "get") else None
+    for key in (model_node.keys() if model_node is not None else []):
+        try:  # resolve each field on its own: one unresolvable field must not lose the rest
+            value = model_node[key]
+        except Exception:
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        model_cfg[key] = value
+    task_node = root.get("task") if hasattr(root, "get") else None
     family = model_family(model_cfg.get("_name"))
     if family not in SUPPORTED_FAMILIES:
         raise BackboneError(
@@ -94,7 +101,7 @@ def backbone_config_from_state(state: Dict[str, Any], path: str) -> Dict[str, An
             f"the backbone must be one of {', '.join(SUPPORTED_FAMILIES)} "
             "(a LongMem or MemTRM checkpoint is not a backbone)"
         )
-    model_cfg["_backbone_task_data"] = (cfg.get("task") or {}).get("data")
+    model_cfg["_backbone_task_data"] = task_node.get("data") if task_node is not None else None
     return model_cfg
 
 

@@ -190,6 +190,10 @@ class LongMemDecoder(MemoryOwner, FairseqDecoder):
         return self.backbone.max_positions()
 
     def output_layer(self, features: Tensor) -> Tensor:
+        """Side features ``(bsz, tgt_len, dim)`` -> logits, through the backbone's
+        (frozen) output-dim projection, if it has one, and output projection."""
+        if self.backbone.project_out_dim is not None:
+            features = self.backbone.project_out_dim(features)
         if self.side.output_projection is not None:
             return self.side.output_projection(features)
         return self.backbone.output_layer(features)
