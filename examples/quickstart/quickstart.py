@@ -38,13 +38,13 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=str(REPO / "workdir" / "quickstart"))
     p.add_argument("--corpus", default=None, help="folder of text files or .jsonl (default: stdlib sources)")
     p.add_argument("--vocab-size", type=int, default=4000)
-    p.add_argument("--backbone-minutes", type=float, default=3.5)
+    p.add_argument("--backbone-minutes", type=float, default=3.0)
     p.add_argument("--backbone-arch", default="alibi_lm_small")
     p.add_argument("--backbone-tokens", type=int, default=256, help="backbone pretraining window")
     p.add_argument("--arch", default="longmem_small")
     p.add_argument("--tokens-per-sample", type=int, default=128, help="local window of stage 2")
     p.add_argument("--batch-size", type=int, default=8, help="streams per step in stage 2")
-    p.add_argument("--adapt-steps", type=int, default=400)
+    p.add_argument("--adapt-steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--memory-size", type=int, default=8192)
     p.add_argument("--k", type=int, default=32)
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--retrieval-layer-index", type=int, default=3)
     p.add_argument("--gate-init", type=float, default=0.0)
     p.add_argument("--probe-length", type=int, default=2048)
-    p.add_argument("--max-eval-docs", type=int, default=0, help="0 = all held-out documents")
+    p.add_argument("--max-eval-docs", type=int, default=12, help="0 = all held-out documents")
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--tiny", action="store_true", help="seconds-scale smoke run (tests)")
     p.add_argument("--skip-equal-time", action="store_true")
@@ -150,7 +150,7 @@ def main(argv=None):
         ], work / "logs" / "backbone.log")
 
     # 4. stage 2: LongMem, ablation at equal steps, ablation at equal wall time
-    def adapt(name: str, memory: bool, budget):
+    def adapt(name: str, memory: bool, steps: int):
         save = work / name
         ckpt = save / "checkpoint_last.pt"
         meta = save / "wall_seconds.json"
@@ -162,11 +162,11 @@ def main(argv=None):
             "--criterion", "longmem_cross_entropy", "--tokens-per-sample", args.tokens_per_sample,
             "--batch-size", args.batch_size, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
             "--adam-eps", 1e-6, "--lr", args.lr, "--lr-scheduler", "polynomial_decay",
-            "--total-num-update", args.adapt_steps, "--warmup-updates", max(1, args.adapt_steps // 20),
+            "--total-num-update", steps, "--warmup-updates", max(1, args.adapt_steps // 20),
             "--weight-decay", 0.01, "--clip-norm", 1.0, "--side-dropout", 0.0,
             "--memory-size", args.memory_size, "--k", args.k, "--chunk-size", args.chunk_size,
             "--retrieval-layer-index", args.retrieval_layer_index,
-            "--memory-gate-init", args.gate_init, *budget,
+            "--memory-gate-init", args.gate_init, "--max-update", steps,
             "--save-dir", save, "--cpu", "--no-epoch-checkpoints", "--disable-validation",
             "--log-interval", 25, "--log-format", "simple", "--seed", 1,
         ] + (["--use-external-memory"] if memory else [])
@@ -178,7 +178,7 @@ def main(argv=None):
         return ckpt, rec
 
     stage(f"4/5 stage 2: adapt {args.arch} with memory, and without (ablation)")
-    steps = ["--max-update", args.adapt_steps]
+    steps = args.adapt_steps
     lm_ckpt, lm_rec = adapt("longmem", True, steps)
     print(f"    LongMem: {lm_rec['steps']} steps in {lm_rec['wall_seconds']:.0f} s")
     ab_ckpt, ab_rec = adapt("ablation", False, steps)
@@ -189,7 +189,7 @@ def main(argv=None):
         extra_time = max(0.0, lm_rec["wall_seconds"] - ab_rec["wall_seconds"])
         per_step = ab_rec["wall_seconds"] / max(1, ab_rec["steps"])
         eq_steps = args.adapt_steps + int(extra_time / max(per_step, 1e-6))
-        eq_ckpt, eq_rec = adapt("ablation_equal_time", False, ["--max-update", eq_steps])
+        eq_ckpt, eq_rec = adapt("ablation_equal_time", False, eq_steps)
         print(f"    ablation at LongMem's wall time: {eq_rec['steps']} steps in {eq_rec['wall_seconds']:.0f} s")
         eq = (eq_ckpt, eq_rec)
 
