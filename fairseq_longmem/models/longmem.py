@@ -227,7 +227,8 @@ class LongMemDecoder(MemoryOwner, FairseqDecoder):
             bank = self.get_memory(
                 memory_key, bsz, mem_k.size(1), mem_k.size(3), tokens.device, mem_k.dtype
             )
-            if self.cfg.memory_path and memory_key not in self.memories_seen:
+            memory_path = safe_getattr(self.cfg, "memory_path", None)  # absent in older checkpoints
+            if memory_path and memory_key not in self.memories_seen:
                 bank = self.load_saved_memory(memory_key, bank)
                 if doc_start is not None:  # a loaded memory precedes the stream: keep it
                     doc_start = doc_start.clone()
@@ -243,8 +244,8 @@ class LongMemDecoder(MemoryOwner, FairseqDecoder):
                 bank.reset(reset_rows)
                 bank.write(mem_k, mem_v, start=write_start, end=write_end)
                 self.last_stats["memory_fill"] = bank.fill().float().mean()
-            if last_segment and self.cfg.memory_path:
-                self.save_memory(memory_key, self.cfg.memory_path)
+            if last_segment and memory_path:
+                self.save_memory(memory_key, memory_path)
                 self.memories_seen.discard(memory_key)
         extra = {"inner_states": hiddens, "memory_stats": dict(self.last_stats)}
         if features_only:
