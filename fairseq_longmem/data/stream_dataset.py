@@ -21,7 +21,7 @@ A stream that begins inside a document starts it afresh (flagged as a start).
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import LongMemError
 from ..modules.memory_bank import MemoryConfigError
-from .checkpoints import EvalError, LoadedModel, load_for_eval, parse_checkpoints, write_json
+from .checkpoints import EvalError, LoadedModel, emit, load_for_eval, parse_checkpoints
 from .token_losses import TokenLosses, stream_token_losses
 
 logger = logging.getLogger(__name__)
@@ -333,12 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (LongMemError, MemoryConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown_table(result))
-    print(position_table(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
-    return 0
+    return emit(result, args.json, markdown_table(result), position_table(result))
 
 
 if __name__ == "__main__":

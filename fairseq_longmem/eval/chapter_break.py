@@ -56,7 +56,15 @@ import numpy as np
 
 from ..errors import LongMemError
 from ..modules.memory_bank import MemoryConfigError
-from .checkpoints import EvalError, LoadedModel, TextEncoder, encoder_factory, score_continuations, write_json
+from .checkpoints import (
+    EvalError,
+    LoadedModel,
+    TextEncoder,
+    emit,
+    encoder_factory,
+    score_continuations,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -462,11 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (LongMemError, MemoryConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown_table(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
-    return 0
+    return emit(result, args.json, markdown_table(result))
 
 
 if __name__ == "__main__":

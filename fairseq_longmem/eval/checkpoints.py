@@ -227,6 +227,16 @@ def json_safe(obj):
     return obj
 
 
+def emit(result, json_path, *tables: str) -> int:
+    """End of an evaluator's command line: print its tables, write its JSON, exit 0."""
+    for table in tables:
+        print(table)
+    if json_path:
+        write_json(result, json_path)
+        print(f"wrote {json_path}")
+    return 0
+
+
 def write_json(obj, path: str) -> str:
     import json
 

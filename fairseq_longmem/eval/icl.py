@@ -54,10 +54,10 @@ from .checkpoints import (
     FixedMemory,
     LoadedModel,
     TextEncoder,
+    emit,
     encoder_factory,
     file_digest,
     run_history,
-    write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -456,11 +456,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (LongMemError, MemoryConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown_table(result))
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
-    return 0
+    return emit(result, args.json, markdown_table(result))
 
 
 if __name__ == "__main__":

@@ -376,26 +376,28 @@ class LongMemModel(FairseqLanguageModel):
         return cls(decoder)
 
 
-def _memory_preset(args, memory_size: int, chunk_size: int, k: int, layer: int, r: int = 2):
+def memory_preset(args, memory_size: int, chunk_size: int, k: int, layer: int, r=None):
+    """Defaults of an arch preset's memory knobs (LongMem's and MemTRM's)."""
     args.memory_size = safe_getattr(args, "memory_size", memory_size)
     args.chunk_size = safe_getattr(args, "chunk_size", chunk_size)
     args.k = safe_getattr(args, "k", k)
     args.retrieval_layer_index = safe_getattr(args, "retrieval_layer_index", layer)
-    args.layer_reduction_factor = safe_getattr(args, "layer_reduction_factor", r)
+    if r is not None:
+        args.layer_reduction_factor = safe_getattr(args, "layer_reduction_factor", r)
 
 
 @register_model_architecture("longmem", "longmem_tiny")
 def longmem_tiny(args):
     """Tests: over an alibi_lm_tiny backbone (4 layers, d=64): 2 side layers."""
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
-    _memory_preset(args, memory_size=256, chunk_size=4, k=16, layer=3)
+    memory_preset(args, memory_size=256, chunk_size=4, k=16, layer=3, r=2)
 
 
 @register_model_architecture("longmem", "longmem_small")
 def longmem_small(args):
     """CPU quickstart: over alibi_lm_small (4 layers, d=256): 2 side layers."""
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 256)
-    _memory_preset(args, memory_size=8192, chunk_size=4, k=32, layer=3)
+    memory_preset(args, memory_size=8192, chunk_size=4, k=32, layer=3, r=2)
 
 
 @register_model_architecture("longmem", "longmem_gpt2_medium")
@@ -403,4 +405,4 @@ def longmem_gpt2_medium(args):
     """The paper: 12 side layers d=1024 16 heads over a 24x1024 backbone."""
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 1024)
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 16)
-    _memory_preset(args, memory_size=65536, chunk_size=4, k=64, layer=17)
+    memory_preset(args, memory_size=65536, chunk_size=4, k=64, layer=17, r=2)

@@ -43,7 +43,7 @@ from ..modules.decoder_layer import decoder_attn_bias, embed, final_features, la
 from ..modules.memory_factory import MEMORY_BACKENDS
 from ..modules.memory_reader import MemoryOwner, joint_memory_reader
 from .backbone import build_backbone, dumps_config, load_backbone, loads_config
-from .longmem import check_backbone_fit, segment_boundaries
+from .longmem import check_backbone_fit, memory_preset, segment_boundaries
 
 logger = logging.getLogger(__name__)
 
@@ -240,25 +240,18 @@ class MemTRMModel(FairseqLanguageModel):
 # presets mirror longmem_*: same memory size, chunk, k and retrieval layer
 
 
-def _memory_preset(args, memory_size: int, chunk_size: int, k: int, layer: int) -> None:
-    args.memory_size = safe_getattr(args, "memory_size", memory_size)
-    args.chunk_size = safe_getattr(args, "chunk_size", chunk_size)
-    args.k = safe_getattr(args, "k", k)
-    args.retrieval_layer_index = safe_getattr(args, "retrieval_layer_index", layer)
-
-
 @register_model_architecture("memtrm", "memtrm_tiny")
 def memtrm_tiny(args):
     """Tests: over an alibi_lm_tiny backbone (4 layers, d=64)."""
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
-    _memory_preset(args, memory_size=256, chunk_size=4, k=16, layer=3)
+    memory_preset(args, memory_size=256, chunk_size=4, k=16, layer=3)
 
 
 @register_model_architecture("memtrm", "memtrm_small")
 def memtrm_small(args):
     """CPU quickstart: over alibi_lm_small (4 layers, d=256)."""
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 256)
-    _memory_preset(args, memory_size=8192, chunk_size=4, k=32, layer=3)
+    memory_preset(args, memory_size=8192, chunk_size=4, k=32, layer=3)
 
 
 @register_model_architecture("memtrm", "memtrm_gpt2_medium")
@@ -266,4 +259,4 @@ def memtrm_gpt2_medium(args):
     """The paper's baseline size: 24 layers d=1024 16 heads, memory in layer 17."""
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 1024)
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 16)
-    _memory_preset(args, memory_size=65536, chunk_size=4, k=64, layer=17)
+    memory_preset(args, memory_size=65536, chunk_size=4, k=64, layer=17)

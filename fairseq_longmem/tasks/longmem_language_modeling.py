@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
