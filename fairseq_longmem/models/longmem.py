@@ -40,28 +40,13 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LongMemConfig(FairseqDataclass):
-    pretrained_model_path: str = field(
-        default="", metadata={"help": "frozen backbone: a fairseq alibi_lm or transformer_lm checkpoint"}
-    )
-    layer_reduction_factor: int = field(
-        default=2, metadata={"help": "r: one side layer per r backbone layers"}
-    )
-    reload_ptm_layer: bool = field(
-        default=False,
-        metadata={"help": "initialise side layer i from backbone layer r*i+(r-1) (else random)"},
-    )
-    tune_lm_head: bool = field(
-        default=False, metadata={"help": "train a copy of the output projection (else frozen)"}
-    )
-    use_external_memory: bool = field(
-        default=False,
-        metadata={"help": "read and write the memory bank (without it: the no-memory ablation)"},
-    )
+class MemoryKnobs(FairseqDataclass):
+    """Memory flags shared by LongMem and MemTRM (same names, same meaning)."""
+
     retrieval_layer_index: int = field(
         default=17,
-        metadata={"help": "0-based backbone layer whose keys/values fill memory; side layer "
-                  "index // r reads it"},
+        metadata={"help": "0-based backbone layer whose keys/values fill memory (LongMem: "
+                  "side layer index // r reads it; MemTRM: that layer writes and reads)"},
     )
     memory_size: int = field(default=65536, metadata={"help": "tokens kept per stream (FIFO)"})
     chunk_size: int = field(default=4, metadata={"help": "tokens per memory chunk"})
@@ -85,14 +70,35 @@ class LongMemConfig(FairseqDataclass):
     memory_ivf_nlist: int = field(default=1024, metadata={"help": "faiss-ivf: inverted lists"})
     memory_ivf_nprobe: int = field(default=32, metadata={"help": "faiss-ivf: lists probed"})
     memory_hnsw_m: int = field(default=32, metadata={"help": "faiss-hnsw: graph degree"})
+    memory_gate_init: float = field(
+        default=0.0, metadata={"help": "initial gate logit g; sigmoid(g) is memory's share"}
+    )
+
+
+@dataclass
+class LongMemConfig(MemoryKnobs):
+    pretrained_model_path: str = field(
+        default="", metadata={"help": "frozen backbone: a fairseq alibi_lm or transformer_lm checkpoint"}
+    )
+    layer_reduction_factor: int = field(
+        default=2, metadata={"help": "r: one side layer per r backbone layers"}
+    )
+    reload_ptm_layer: bool = field(
+        default=False,
+        metadata={"help": "initialise side layer i from backbone layer r*i+(r-1) (else random)"},
+    )
+    tune_lm_head: bool = field(
+        default=False, metadata={"help": "train a copy of the output projection (else frozen)"}
+    )
+    use_external_memory: bool = field(
+        default=False,
+        metadata={"help": "read and write the memory bank (without it: the no-memory ablation)"},
+    )
     memory_path: Optional[str] = field(
         default=None,
         metadata={"help": "a saved memory: if the file exists, each stream starts from it "
                   "(its first segment does not reset it); after the last segment of a pass "
                   "the memory is saved there (versioned; checked against this model)"},
-    )
-    memory_gate_init: float = field(
-        default=0.0, metadata={"help": "initial gate logit g; sigmoid(g) is memory's share"}
     )
     side_dropout: Optional[float] = field(
         default=None, metadata={"help": "dropout of the side layers (default: the backbone's)"}

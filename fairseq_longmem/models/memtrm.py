@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     FairseqDecoder,
     FairseqLanguageModel,
@@ -40,16 +39,15 @@ from omegaconf import II
 from torch import Tensor, nn
 
 from ..modules.decoder_layer import decoder_attn_bias, embed, final_features, layer_forward
-from ..modules.memory_factory import MEMORY_BACKENDS
 from ..modules.memory_reader import MemoryOwner, joint_memory_reader
 from .backbone import build_backbone, dumps_config, load_backbone, loads_config
-from .longmem import check_backbone_fit, memory_preset, segment_boundaries
+from .longmem import MemoryKnobs, check_backbone_fit, memory_preset, segment_boundaries
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MemTRMConfig(FairseqDataclass):
+class MemTRMConfig(MemoryKnobs):
     pretrained_model_path: str = field(
         default="",
         metadata={"help": "initial weights: a fairseq alibi_lm or transformer_lm checkpoint "
@@ -58,32 +56,6 @@ class MemTRMConfig(FairseqDataclass):
     use_external_memory: bool = field(
         default=False,
         metadata={"help": "read and write the memory bank (without it: plain fine-tuning)"},
-    )
-    retrieval_layer_index: int = field(
-        default=17,
-        metadata={"help": "0-based layer that writes its own keys/values to memory and "
-                  "reads them back through joint attention"},
-    )
-    memory_size: int = field(default=65536, metadata={"help": "tokens kept per stream (FIFO)"})
-    chunk_size: int = field(default=4, metadata={"help": "tokens per memory chunk"})
-    k: int = field(default=64, metadata={"help": "retrieved tokens per query and head"})
-    use_gpu_to_search: bool = field(
-        default=False, metadata={"help": "faiss backends: search on the GPU"}
-    )
-    memory_backend: ChoiceEnum(MEMORY_BACKENDS) = field(  # type: ignore
-        default="torch", metadata={"help": "retrieval backend"}
-    )
-    memory_on_cpu: bool = field(
-        default=False, metadata={"help": "keep keys/values in host memory (model on GPU)"}
-    )
-    memory_dtype: ChoiceEnum(["auto", "fp32", "fp16", "bf16"]) = field(  # type: ignore
-        default="auto", metadata={"help": "storage dtype of the memory (auto: the model's)"}
-    )
-    memory_ivf_nlist: int = field(default=1024, metadata={"help": "faiss-ivf: inverted lists"})
-    memory_ivf_nprobe: int = field(default=32, metadata={"help": "faiss-ivf: lists probed"})
-    memory_hnsw_m: int = field(default=32, metadata={"help": "faiss-hnsw: graph degree"})
-    memory_gate_init: float = field(
-        default=0.0, metadata={"help": "initial gate logit g; sigmoid(g) is memory's share"}
     )
     # accepted so that LongMem's training command runs unchanged with --arch memtrm_*
     reload_ptm_layer: bool = field(

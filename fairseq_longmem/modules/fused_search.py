@@ -48,7 +48,7 @@ or when ``LONGMEM_FUSED_SEARCH=0`` is set.
 
 Microbenchmark (GPU; ``--sweep`` also times every autotuner config)::
 
-    python -m fairseq_longmem.modules.fused_search --bench [--sweep]
+    python benchmarks/fused_search_bench.py [--sweep]
 
 On an H100 at the paper's shapes (8 x 16 x 1024 queries x 16,384 chunks,
 d=64, kc=16, bf16, random data) it ran in 4.1 ms against 49 ms for matmul +
@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -329,7 +329,7 @@ def _launch(queries, chunk_keys, valid, num_chunks, fixed=None):
 
 
 # ---------------------------------------------------------------- benchmark
-def _bench(args) -> dict:  # pragma: no cover - GPU only
+def bench(args) -> dict:  # pragma: no cover - GPU only
     import time
 
     dev = torch.device("cuda")
@@ -417,29 +417,3 @@ def _bench(args) -> dict:  # pragma: no cover - GPU only
         .abs().max()
     )
     return out
-
-
-def main(argv: Optional[list] = None) -> None:  # pragma: no cover - GPU only
-    import argparse
-
-    p = argparse.ArgumentParser(description="fused chunk search microbenchmark (CUDA)")
-    p.add_argument("--bench", action="store_true")
-    p.add_argument("--streams", type=int, default=8)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--queries", type=int, default=1024)
-    p.add_argument("--chunks", type=int, default=16384)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--kc", type=int, default=16)
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--sweep", action="store_true", help="also time every kernel config")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("the microbenchmark needs a CUDA device")
-    import json
-
-    print(json.dumps(_bench(args), indent=1))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
