@@ -22,6 +22,8 @@ def test_quickstart_tiny(tmp_path):
         assert key in r, key
     assert r["adaptation_steps"] == 6 and 1 <= r["eval_documents"] <= 3 and r["eval_tokens"] > 1000
     assert 0.0 <= r["retrieval_hit_rate"] <= 1.0
+    assert 0.0 <= r["backbone_induction_max"] <= 1.0 and r["backbone_copy_second_ppl"] > 1.0
+    assert "backbone in-context copy" in proc.stdout
     assert r["longmem_ppl"] != r["longmem_no_memory_ppl"]
     assert (work / "loss_vs_position.png").stat().st_size > 10_000
     assert "| (iv) LongMem |" in proc.stdout

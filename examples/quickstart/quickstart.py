@@ -238,6 +238,14 @@ def main(argv=None):
         curves[label] = losses
         print(f"    {label:48s} ppl {losses.perplexity:9.2f}   ({time.time() - t0:.0f} s)", flush=True)
 
+    from fairseq_longmem.eval.copy_probe import copy_probe, repeated_spans
+
+    copy = copy_probe(load(bb).decoder, repeated_spans(stream, span=min(64, args.tokens_per_sample // 2)))
+    m = args.retrieval_layer_index
+    print(f"    (vi) backbone in-context copy ([x, x], x = {copy.span} tokens): ppl first copy "
+          f"{copy.first_perplexity:.2f}, second {copy.second_perplexity:.2f}; strongest induction "
+          f"head {copy.induction.max():.3f} (layer {copy.best_layer}), at layer {m} "
+          f"{copy.induction[m].max():.3f}")
     probe_lm = second_reading(load(lm_ckpt), task, stream, length=args.probe_length)
     probe_ab = second_reading(load(ab_ckpt), task, stream, length=args.probe_length)
     print(f"    (v) second reading: LongMem ppl {probe_lm.perplexity:.2f} vs ablation "
@@ -255,6 +263,11 @@ def main(argv=None):
         "retrieval_hit_rate": probe_lm.hit_rate_any_head,
         "retrieval_hit_rate_per_head": probe_lm.hit_rate_per_head,
         "second_reading_tokens": probe_lm.tokens,
+        "backbone_copy_first_ppl": copy.first_perplexity,
+        "backbone_copy_second_ppl": copy.second_perplexity,
+        "backbone_induction_max": float(copy.induction.max()),
+        "backbone_induction_best_layer": copy.best_layer,
+        "backbone_induction_at_retrieval_layer": float(copy.induction[m].max()),
         "eval_tokens": int(len(curves["(iv) LongMem"].nll)),
         "eval_documents": int(len(stream.doc_starts)),
         "corpus": corpus_name,
@@ -320,6 +333,10 @@ def print_table(r, work: Path):
            if "memory_gain_vs_equal_time_ablation_pct" in r else []),
         f"retrieval hit rate (second reading): {r['retrieval_hit_rate']:.3f} any head, "
         f"{r['retrieval_hit_rate_per_head']:.3f} per head",
+        f"backbone in-context copy: ppl {r['backbone_copy_first_ppl']:.2f} on a span, "
+        f"{r['backbone_copy_second_ppl']:.2f} on its repeat; strongest induction head "
+        f"{r['backbone_induction_max']:.3f} (layer {r['backbone_induction_best_layer']}); "
+        f"at the retrieval layer {r['backbone_induction_at_retrieval_layer']:.3f}",
         f"{r['eval_documents']} held-out documents, {r['eval_tokens']} tokens; "
         f"{r['adaptation_steps']} adaptation steps; wall time {r['wall_seconds']:.0f} s",
         f"results: {work / 'results.json'}; plot: {work / 'loss_vs_position.png'}",

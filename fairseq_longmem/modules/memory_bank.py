@@ -162,11 +162,15 @@ def topk_chunks(
     n = ck.size(-2)
     top = min(num_chunks, n)
     invalid = ~valid[:, None, None, :]
+    # a full memory has no invalid chunk: on CPU (where checking costs no device
+    # synchronisation) skip the mask pass over the whole score matrix
+    need_mask = ck.device.type != "cpu" or not bool(valid.all())
     step = max(1, block_elements // max(1, bsz * heads * n))
     idx_blocks, ok_blocks = [], []
     for s in range(0, tgt_len, step):
         scores = torch.matmul(q[:, :, s : s + step], ckt)
-        scores.masked_fill_(invalid, float("-inf"))
+        if need_mask:
+            scores.masked_fill_(invalid, float("-inf"))
         values, index = scores.topk(top, dim=-1)
         idx_blocks.append(index)
         ok_blocks.append(torch.isfinite(values))
