@@ -97,24 +97,43 @@ def setup_stream_task(data: Path, tokens_per_sample: int = 32, **kw):
     return LongMemLanguageModelingTask.setup_task(cfg)
 
 
-def build_longmem(backbone: Path, data: Path, tokens_per_sample: int = 32, **overrides):
-    """A LongMem model over the tiny backbone, built the way fairseq-train builds it."""
+def build_memory_model(model_cls, config_cls, backbone: Path, data: Path,
+                       tokens_per_sample: int, args: dict):
+    """A memory model (LongMem, MemTRM) built from ``args`` the way fairseq-train builds it."""
     import torch
     from omegaconf import OmegaConf
 
-    from fairseq_longmem.models.longmem import LongMemConfig, LongMemModel, longmem_tiny
-
     task = setup_stream_task(data, tokens_per_sample)
+    cfg = OmegaConf.structured(config_cls(tokens_per_sample=tokens_per_sample))
+    for key, value in args.items():
+        cfg[key] = value
+    torch.manual_seed(0)
+    model = model_cls.build_model(cfg, task)
+    model.eval()
+    return model, task
+
+
+def build_longmem(backbone: Path, data: Path, tokens_per_sample: int = 32, **overrides):
+    """A LongMem model over the tiny backbone, built the way fairseq-train builds it."""
+    from fairseq_longmem.models.longmem import LongMemConfig, LongMemModel
+
     args = dict(
         pretrained_model_path=str(backbone), reload_ptm_layer=True, use_external_memory=True,
         memory_size=64, chunk_size=4, k=8, retrieval_layer_index=3, layer_reduction_factor=2,
         decoder_embed_dim=64,
     )
     args.update(overrides)
-    cfg = OmegaConf.structured(LongMemConfig(tokens_per_sample=tokens_per_sample))
-    for key, value in args.items():
-        cfg[key] = value
-    torch.manual_seed(0)
-    model = LongMemModel.build_model(cfg, task)
-    model.eval()
-    return model, task
+    return build_memory_model(LongMemModel, LongMemConfig, backbone, data, tokens_per_sample, args)
+
+
+def lm_args(**kw):
+    """Namespace args of a small fairseq LM (3 layers, d=32, 4 heads, no dropout)."""
+    import argparse
+
+    args = argparse.Namespace(
+        decoder_layers=3, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+        decoder_attention_heads=4, tokens_per_sample=64, dropout=0.0, attention_dropout=0.0,
+    )
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args

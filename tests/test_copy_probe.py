@@ -1,27 +1,15 @@
 """The in-context copy probe against fairseq's own attention weights and model loss."""
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import setup_stream_task
+from conftest import lm_args, setup_stream_task
 from fairseq.models.transformer_lm import TransformerLanguageModel, transformer_lm_gpt2_tiny
 from fairseq_longmem.eval.copy_probe import attention_probs, copy_probe, repeated_spans
 from fairseq_longmem.eval.token_losses import document_stream
 from fairseq_longmem.models.alibi_lm import AlibiLanguageModel, alibi_lm_tiny
-from fairseq_longmem.modules.decoder_layer import embed
-
-
-def lm_args(**kw):
-    args = argparse.Namespace(
-        decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
-        decoder_attention_heads=4, tokens_per_sample=64, dropout=0.0, attention_dropout=0.0,
-    )
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+from fairseq_longmem.modules.decoder_layer import decoder_attn_bias, embed, layer_forward
 
 
 def test_repeated_spans_layout_and_errors():
@@ -60,7 +48,7 @@ def test_attention_probs_equal_fairseq_head_weights(tiny_data):
 
 def test_copy_probe_matches_model_loss_and_loop_reference(tiny_data):
     task = setup_stream_task(tiny_data)
-    args = lm_args()
+    args = lm_args(decoder_layers=2)
     alibi_lm_tiny(args)
     torch.manual_seed(0)
     model = AlibiLanguageModel.build_model(args, task).eval()
@@ -77,8 +65,6 @@ def test_copy_probe_matches_model_loss_and_loop_reference(tiny_data):
     assert got.first_perplexity == pytest.approx(float(nll[:, : span - 1].mean().exp()), rel=1e-5)
     assert got.second_perplexity == pytest.approx(float(nll[:, span:].mean().exp()), rel=1e-5)
     # induction score: loop over every second-copy query that has a next token in x
-    from fairseq_longmem.modules.decoder_layer import decoder_attn_bias, layer_forward
-
     ref = np.zeros((2, 4))
     with torch.no_grad():
         h = embed(model.decoder, spans)

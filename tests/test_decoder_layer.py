@@ -1,12 +1,11 @@
 """The shared layer forward equals fairseq's own; ALiBi and joint attention against references."""
 
-import argparse
 import math
 
 import pytest
 import torch
 
-from conftest import setup_stream_task
+from conftest import lm_args, setup_stream_task
 from fairseq.models.transformer_lm import TransformerLanguageModel, transformer_lm_gpt2_tiny
 from fairseq_longmem.models.alibi_lm import AlibiLanguageModel, alibi_lm_tiny
 from fairseq_longmem.modules.decoder_layer import alibi_bias, alibi_slopes, decoder_forward
@@ -16,16 +15,6 @@ from fairseq_longmem.modules.joint_attention import (
     memory_attention,
     reference_joint_attention,
 )
-
-
-def lm_args(**kw):
-    args = argparse.Namespace(
-        decoder_layers=3, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
-        decoder_attention_heads=4, tokens_per_sample=64, dropout=0.0, attention_dropout=0.0,
-    )
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import PLUGIN_DIR, build_longmem, run_fairseq, setup_stream_task
+from conftest import PLUGIN_DIR, build_longmem, build_memory_model, run_fairseq
 from fairseq_longmem.eval.checkpoints import load_for_eval
 from fairseq_longmem.models.backbone import BackboneError
 from fairseq_longmem.models.memtrm import MemTRMConfig, MemTRMModel
@@ -20,17 +19,10 @@ STEPS = 6
 
 def build_memtrm(backbone, data, tokens_per_sample=32, **overrides):
     """A MemTRM model over the tiny backbone, built as fairseq-train builds it."""
-    task = setup_stream_task(data, tokens_per_sample)
     args = dict(pretrained_model_path=str(backbone), use_external_memory=True, memory_size=64,
                 chunk_size=4, k=8, retrieval_layer_index=3, decoder_embed_dim=64)
     args.update(overrides)
-    cfg = OmegaConf.structured(MemTRMConfig(tokens_per_sample=tokens_per_sample))
-    for key, value in args.items():
-        cfg[key] = value
-    torch.manual_seed(0)
-    model = MemTRMModel.build_model(cfg, task)
-    model.eval()
-    return model, task
+    return build_memory_model(MemTRMModel, MemTRMConfig, backbone, data, tokens_per_sample, args)
 
 
 def batches(task, split="valid", bsz=2, n=3):
