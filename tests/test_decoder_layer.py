@@ -13,8 +13,8 @@ from fairseq_longmem.modules.joint_attention import (
     gate_mix,
     local_attention,
     memory_attention,
-    reference_joint_attention,
 )
+from references import reference_joint_attention
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,8 @@ import pytest
 import torch
 
 from fairseq_longmem.modules import memory_bank
-from fairseq_longmem.modules.fused_search import (
-    fused_search_available,
-    fused_topk_chunks,
-    tiled_topk_reference,
-    torch_topk_chunks,
-)
+from fairseq_longmem.modules.fused_search import fused_search_available, fused_topk_chunks
+from references import plain_topk_chunks, tiled_topk_reference
 
 
 def make(bsz, heads, t, n, d, dtype=torch.float64, seed=0, device="cpu", ints=False):
@@ -132,13 +128,13 @@ def test_tiled_reference_low_precision_values(dtype):
 @pytest.mark.parametrize("bsz,heads,t,n,d,kc,tile", CASES)
 def test_fallback_matches_topk_and_memory_bank(bsz, heads, t, n, d, kc, tile):
     q, ck, valid = make(bsz, heads, t, n, d, seed=n)
-    index, ok = fused_topk_chunks(q, ck, valid, kc)  # CPU: the torch path
+    index, ok = memory_bank.search_chunks(q, ck, valid, kc)  # CPU: the torch path
     check_same_selection(index, ok, q, ck, valid, kc)
-    assert torch.equal(index, torch_topk_chunks(q, ck, valid, kc)[0])
+    assert torch.equal(index, plain_topk_chunks(q, ck, valid, kc)[0])
     # the library's own torch path (fp32 inputs: both rank fp32 scores)
     q32, ck32 = q.float(), ck.float()
     ref_index, ref_ok = memory_bank.topk_chunks(q32, ck32, valid, kc)
-    index32, ok32 = fused_topk_chunks(q32, ck32, valid, kc)
+    index32, ok32 = memory_bank.search_chunks(q32, ck32, valid, kc)
     assert torch.equal(ok32, ref_ok)
     s = scores_of(q32, ck32, valid)
     torch.testing.assert_close(
@@ -150,9 +146,9 @@ def test_fallback_noncontiguous_and_mixed_dtype():
     q, ck, valid = make(2, 4, 6, 33, 8, dtype=torch.float32, seed=1)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # the side layer's q layout
     assert not qt.is_contiguous()
-    index, ok = fused_topk_chunks(qt, ck.double(), valid, 4)  # q cast to the keys' dtype
+    index, ok = memory_bank.search_chunks(qt, ck.double(), valid, 4)  # q cast to the keys' dtype
     check_same_selection(index, ok, qt, ck.double(), valid, 4)
-    ref = torch_topk_chunks(qt.contiguous(), ck.double(), valid, 4)
+    ref = plain_topk_chunks(qt.contiguous(), ck.double(), valid, 4)
     assert torch.equal(index, ref[0]) and torch.equal(ok, ref[1])
 
 
@@ -180,7 +176,7 @@ GPU_CASES = [
 
 def check_gpu(q, ck, valid, kc):
     index, ok = fused_topk_chunks(q, ck, valid, kc)
-    ref_index, ref_ok = torch_topk_chunks(q, ck, valid, kc)
+    ref_index, ref_ok = plain_topk_chunks(q, ck, valid, kc)
     assert index.shape == ref_index.shape and index.dtype == torch.long
     assert torch.equal(ok, ref_ok)
     n = ck.size(2)
@@ -259,7 +255,7 @@ def test_every_kernel_config_cuda(dtype):
 
     q, ck, valid = make(2, 2, 100, 1500, 64, dtype=torch.float32, seed=3)
     q, ck, valid = q.to("cuda", dtype), ck.to("cuda", dtype), valid.cuda()
-    ref_index, ref_ok = torch_topk_chunks(q, ck, valid, 16)
+    ref_index, ref_ok = plain_topk_chunks(q, ck, valid, 16)
     s = torch.matmul(q.float(), ck.float().transpose(-1, -2))
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     exact = s.topk(16, dim=-1).values

@@ -14,7 +14,8 @@ import faiss  # noqa: F401  (hard dependency: fail loudly if missing)
 import pytest
 import torch
 
-from fairseq_longmem.modules.memory_bank import MemoryConfigError, reference_search
+from fairseq_longmem.modules.memory_bank import MemoryConfigError
+from references import reference_search
 from fairseq_longmem.modules.memory_factory import MEMORY_BACKENDS, build_memory
 from fairseq_longmem.modules.memory_io import FORMAT_VERSION, load_memory, read_memory_header, save_memory
 from test_memory_bank import History, check_against_reference, random_run

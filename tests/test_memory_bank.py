@@ -14,8 +14,8 @@ from fairseq_longmem.modules.memory_bank import (
     MemoryConfigError,
     check_memory_config,
     chunk_validity,
-    reference_search,
 )
+from references import reference_search
 
 
 class History:

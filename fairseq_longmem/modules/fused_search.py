@@ -39,12 +39,12 @@ exact or more exact; chosen sets can differ only between chunks whose scores
 are equal once rounded to bf16/fp16 (checked in ``tests/test_fused_search.py``
 by comparing score values).
 
-:func:`tiled_topk_reference` is the same algorithm in plain torch (tile by
+``tests/references.py`` holds the same algorithm in plain torch (tile by
 tile, same insertion rule, same tie-breaking), so the kernel's logic is tested
-on CPU. :func:`fused_topk_chunks` falls back to the plain torch path
-(:func:`torch_topk_chunks`, a copy of ``memory_bank.topk_chunks``) on CPU,
-without Triton, for fp32 inputs, for ``head_dim > 256`` or ``num_chunks > 64``,
-or when ``LONGMEM_FUSED_SEARCH=0`` is set.
+on CPU. :func:`fused_topk_chunks` runs only where :func:`fused_supported`;
+``memory_bank.search_chunks`` takes the plain matmul + ``topk`` path
+elsewhere (CPU, no Triton, fp32 inputs, ``head_dim > 256`` or
+``num_chunks > 64``, or ``LONGMEM_FUSED_SEARCH=0``).
 
 Microbenchmark (GPU; ``--sweep`` also times every autotuner config)::
 
@@ -77,8 +77,6 @@ except Exception:  # pragma: no cover - depends on the machine
 __all__ = [
     "fused_topk_chunks",
     "fused_search_available",
-    "torch_topk_chunks",
-    "tiled_topk_reference",
     "FUSED_DTYPES",
     "MAX_HEAD_DIM",
     "MAX_NUM_CHUNKS",
@@ -89,87 +87,12 @@ MAX_HEAD_DIM = 256
 MAX_NUM_CHUNKS = 64
 
 
-# --------------------------------------------------------------------- torch
-def torch_topk_chunks(
-    queries: Tensor, chunk_keys: Tensor, valid: Tensor, num_chunks: int
-) -> Tuple[Tensor, Tensor]:
-    """The plain torch path: one matmul, mask, ``topk`` (``memory_bank.topk_chunks``).
-
-    queries: ``(bsz, heads, tgt_len, d)``; chunk_keys: ``(bsz, heads, n, d)``;
-    valid: ``(bsz, n)`` bool. Returns ``(index, ok)``, both
-    ``(bsz, heads, tgt_len, num_chunks)``.
-    """
-    scores = torch.matmul(queries.to(chunk_keys.dtype), chunk_keys.transpose(-1, -2))
-    scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
-    top = min(num_chunks, scores.size(-1))
-    values, index = scores.topk(top, dim=-1)
-    ok = torch.isfinite(values)
-    if top < num_chunks:  # memory smaller than asked: pad with invalid entries
-        pad = num_chunks - top
-        index = torch.nn.functional.pad(index, (0, pad))
-        ok = torch.nn.functional.pad(ok, (0, pad), value=False)
-    return index, ok
-
-
 def _finish(values: Tensor, index: Tensor) -> Tuple[Tensor, Tensor]:
     """Sort a top-k buffer by decreasing score; ``ok`` where the score is finite."""
     values, order = values.sort(dim=-1, descending=True, stable=True)
     index = index.gather(-1, order)
     ok = torch.isfinite(values)
     index = index.masked_fill(~ok, 0).long()
-    return index, ok
-
-
-def tiled_topk_reference(
-    queries: Tensor,
-    chunk_keys: Tensor,
-    valid: Tensor,
-    num_chunks: int,
-    tile: int = 128,
-    return_values: bool = False,
-):
-    """The kernel's algorithm in plain torch (slow; for tests).
-
-    Walks the chunks ``tile`` at a time and merges each tile into a running
-    top-``num_chunks`` buffer per query with the kernel's rule (see the module
-    docstring). Scores are computed as the kernel does: queries cast to the
-    keys' dtype, products accumulated in fp32 (fp64 for fp64 inputs).
-    Returns ``(index, ok)`` like :func:`torch_topk_chunks`, plus the sorted
-    scores if ``return_values``.
-    """
-    bsz, heads, tgt_len, d = queries.shape
-    n = chunk_keys.size(2)
-    kc = num_chunks
-    acc = torch.float64 if chunk_keys.dtype == torch.float64 else torch.float32
-    q = queries.to(chunk_keys.dtype).to(acc).reshape(bsz * heads, tgt_len, d)
-    ck = chunk_keys.to(acc).reshape(bsz * heads, n, d)
-    vmask = valid.bool()[:, None, :].expand(bsz, heads, n).reshape(bsz * heads, 1, n)
-    neg = float("-inf")
-    rows = bsz * heads * tgt_len
-    buf = torch.full((rows, kc), neg, dtype=acc, device=queries.device)
-    bidx = torch.zeros((rows, kc), dtype=torch.long, device=queries.device)
-    slots = torch.arange(kc, device=queries.device)
-    for start in range(0, n, tile):
-        stop = min(start + tile, n)
-        cols = torch.arange(start, stop, device=queries.device)
-        s = torch.matmul(q, ck[:, start:stop].transpose(-1, -2))
-        s = s.masked_fill(~vmask[:, :, start:stop], neg).reshape(rows, stop - start)
-        thr = buf.min(dim=1).values
-        rowmax = s.max(dim=1).values
-        while bool((rowmax > thr).any()):
-            take = rowmax > thr
-            amax = torch.where(s == rowmax[:, None], cols[None, :], n).min(dim=1).values
-            bpos = torch.where(buf == thr[:, None], slots[None, :], kc).min(dim=1).values
-            upd = take[:, None] & (slots[None, :] == bpos[:, None])
-            buf = torch.where(upd, rowmax[:, None], buf)
-            bidx = torch.where(upd, amax[:, None], bidx)
-            s = torch.where(cols[None, :] == amax[:, None], torch.full_like(s, neg), s)
-            thr = buf.min(dim=1).values
-            rowmax = s.max(dim=1).values
-    shape = (bsz, heads, tgt_len, kc)
-    index, ok = _finish(buf.view(shape), bidx.view(shape))
-    if return_values:
-        return index, ok, buf.view(shape).sort(dim=-1, descending=True).values
     return index, ok
 
 
@@ -284,11 +207,14 @@ def fused_topk_chunks(
     valid: ``(bsz, n)`` bool. Returns ``(index, ok)`` of shape
     ``(bsz, heads, tgt_len, num_chunks)``, index long, sorted by decreasing
     score; ``ok`` False where fewer valid chunks exist than asked (index 0
-    there). Runs the Triton kernel where :func:`fused_supported`, else
-    :func:`torch_topk_chunks`. No host-device synchronisation either way.
+    there). Needs :func:`fused_supported` inputs (``memory_bank.search_chunks``
+    checks); no host-device synchronisation.
     """
     if not fused_supported(queries, chunk_keys, num_chunks):
-        return torch_topk_chunks(queries, chunk_keys, valid, num_chunks)
+        raise ValueError(
+            "fused_topk_chunks: inputs the kernel does not take (see fused_supported); "
+            "call memory_bank.search_chunks, which falls back to the torch path"
+        )
     return _launch(queries, chunk_keys, valid, num_chunks)
 
 
@@ -328,92 +254,3 @@ def _launch(queries, chunk_keys, valid, num_chunks, fixed=None):
     return _finish(values[..., :num_chunks], index[..., :num_chunks])
 
 
-# ---------------------------------------------------------------- benchmark
-def bench(args) -> dict:  # pragma: no cover - GPU only
-    import time
-
-    dev = torch.device("cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    b, h, t, n, d, kc = args.streams, args.heads, args.queries, args.chunks, args.head_dim, args.kc
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(b, h, t, d, device=dev, dtype=dtype, generator=g)
-    ck = torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=g)
-    valid = torch.ones(b, n, dtype=torch.bool, device=dev)
-
-    def timeit(fn, reps):
-        fn()
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
-    t0 = time.perf_counter()
-    fused_topk_chunks(q, ck, valid, kc)  # compile + autotune
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-    out = {
-        "shape": dict(streams=b, heads=h, queries=t, chunks=n, head_dim=d, kc=kc, dtype=args.dtype),
-        "fused_available": fused_search_available(dev),
-        "first_call_s": compile_s,
-        "fused_ms": timeit(lambda: fused_topk_chunks(q, ck, valid, kc), args.reps),
-        "best_config": str(getattr(_topk_chunks_kernel, "best_config", None)),
-    }
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fused_topk_chunks(q, ck, valid, kc)
-    torch.cuda.synchronize()
-    out["fused_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-    if args.sweep:  # every config without the autotuner, on this input
-        sweep = {}
-        for cfg in _CONFIGS:
-            kw = dict(cfg.kwargs)
-
-            def launch(kw=kw, cfg=cfg):
-                _launch(q, ck, valid, kc, fixed=(kw, cfg.num_warps, cfg.num_stages))
-
-            try:
-                sweep[str(cfg)] = timeit(launch, args.reps)
-            except Exception as e:
-                sweep[str(cfg)] = f"{type(e).__name__}: {str(e)[:120]}"
-        out["sweep_ms"] = sweep
-    # worst case for the running top-k: every query's scores increase along the
-    # chunks, so every tile replaces the whole buffer (kc extractions per tile)
-    u = torch.nn.functional.normalize(torch.randn(d, device=dev, generator=g), dim=0)
-    ramp = torch.linspace(0, 8, n, device=dev)[:, None] * u
-    ck_worst = (0.01 * ck.float() + ramp).to(dtype)
-    q_worst = (u.expand(b, h, t, d) + 0.01 * q.float()).to(dtype)
-    out["fused_ms_worst_order"] = timeit(
-        lambda: fused_topk_chunks(q_worst, ck_worst, valid, kc), max(1, args.reps // 4)
-    )
-    del ck_worst, q_worst
-    try:
-        from fairseq_longmem.modules import memory_bank
-
-        out["memory_bank_topk_ms"] = timeit(
-            lambda: memory_bank.topk_chunks(q, ck, valid, kc), max(1, args.reps // 4)
-        )
-    except Exception as e:  # the library's torch path, whatever its state
-        out["memory_bank_topk_ms"] = f"{type(e).__name__}: {e}"[:200]
-    try:
-        reps = max(1, args.reps // 4)
-        out["torch_ms"] = timeit(lambda: torch_topk_chunks(q, ck, valid, kc), reps)
-        torch.cuda.reset_peak_memory_stats()
-        torch_topk_chunks(q, ck, valid, kc)
-        torch.cuda.synchronize()
-        out["torch_extra_bytes"] = torch.cuda.max_memory_allocated() - base
-        out["speedup"] = out["torch_ms"] / out["fused_ms"]
-    except torch.cuda.OutOfMemoryError:
-        out["torch_ms"] = None
-    # agreement on this input (score values of the chosen chunks)
-    i_f, ok_f = fused_topk_chunks(q, ck, valid, kc)
-    s = torch.matmul(q.float(), ck.float().transpose(-1, -2))
-    out["fused_min_score_gap_vs_exact"] = float(
-        (s.topk(kc, dim=-1).values - s.gather(-1, i_f).sort(-1, descending=True).values)
-        .abs().max()
-    )
-    return out

@@ -65,29 +65,3 @@ def local_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout_p
     )
-
-
-def reference_joint_attention(
-    q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor,
-    gate: Tensor, attn_bias: Optional[Tensor] = None,
-) -> Tensor:
-    """Slow loop reference of the joint attention, for tests (no dropout)."""
-    bsz, heads, t_len, d = q.shape
-    out = torch.zeros_like(q)
-    scale = d ** -0.5
-    for b in range(bsz):
-        for h in range(heads):
-            g = torch.sigmoid(gate[h])
-            for t in range(t_len):
-                s = (k[b, h, : t + 1] @ q[b, h, t]) * scale
-                if attn_bias is not None:
-                    bias = attn_bias.expand(bsz, heads, t_len, t_len)
-                    s = s + bias[b, h, t, : t + 1]
-                a = torch.softmax(s, 0) @ v[b, h, : t + 1]
-                m_ok = mem_mask[b, h, t]
-                if m_ok.any():
-                    ms = (mem_k[b, h, t][m_ok] @ q[b, h, t]) * scale
-                    m = torch.softmax(ms, 0) @ mem_v[b, h, t][m_ok]
-                    a = (1 - g) * a + g * m
-                out[b, h, t] = a
-    return out

@@ -1,4 +1,4 @@
-"""Per-stream chunked key/value memory (LongMem, DESIGN.md 1.3-1.4).
+"""Per-stream chunked key/value memory (LongMem's memory bank).
 
 This module does not import fairseq: it is tested and benchmarked alone.
 
@@ -22,12 +22,14 @@ Layout (torch backend, one bank for all streams of a batch, one ring per row):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..errors import LongMemError
+from . import fused_search
 
 DTYPES = {
     "fp32": torch.float32,
@@ -39,7 +41,7 @@ DTYPES = {
 }
 
 
-class MemoryConfigError(ValueError):
+class MemoryConfigError(LongMemError):
     """A memory configuration that cannot work (message names the fix)."""
 
 
@@ -92,12 +94,6 @@ class Retrieved:
     mask: Tensor
     chunk_index: Tensor
     chunk_logical: Tensor
-
-
-def chunk_mean(keys: Tensor, chunk_size: int) -> Tensor:
-    """Mean key of consecutive chunks: ``(..., n * c, d) -> (..., n, d)``."""
-    *lead, n, d = keys.shape
-    return keys.reshape(*lead, n // chunk_size, chunk_size, d).float().mean(-2)
 
 
 def chunk_validity(
@@ -195,11 +191,9 @@ def search_chunks(
     (no score matrix in memory, :mod:`.fused_search`), else :func:`topk_chunks`.
     Both return the same chunks (tie order aside); ``LONGMEM_FUSED_SEARCH=0``
     forces the plain path."""
-    from .fused_search import fused_supported, fused_topk_chunks
-
     q = queries.to(device=chunk_keys.device, dtype=chunk_keys.dtype)
-    if fused_supported(q, chunk_keys, num_chunks):
-        return fused_topk_chunks(q, chunk_keys, valid, num_chunks)
+    if fused_search.fused_supported(q, chunk_keys, num_chunks):
+        return fused_search.fused_topk_chunks(q, chunk_keys, valid, num_chunks)
     return topk_chunks(queries, chunk_keys, valid, num_chunks)
 
 
@@ -487,29 +481,3 @@ class MemoryBank:
                 f"head_dim {self.head_dim}, got a batch of {bsz} x {heads} x {d}; "
                 "a memory is tied to its batch size: keep --batch-size fixed or reset the memory"
             )
-
-
-def reference_search(
-    keys: Tensor, total: int, memory_size: int, chunk_size: int, queries: Tensor, k: int
-) -> list:
-    """Slow reference for one row: the logical chunk numbers a query retrieves.
-
-    keys: ``(heads, n_written, d)`` every key written since reset, in order;
-    queries: ``(heads, tgt_len, d)``. Returns a nested list ``[h][t] -> sorted
-    logical chunk numbers`` computed with Python loops.
-    """
-    heads, n, d = keys.shape
-    first = max(0, math.ceil((total - memory_size) / chunk_size))
-    last = total // chunk_size  # exclusive
-    out = []
-    for h in range(heads):
-        per_t = []
-        for t in range(queries.shape[1]):
-            scored = []
-            for j in range(first, last):
-                ck = keys[h, j * chunk_size : (j + 1) * chunk_size].float().mean(0)
-                scored.append((float(queries[h, t].float() @ ck), j))
-            scored.sort(key=lambda s: -s[0])
-            per_t.append(sorted(j for _, j in scored[: k // chunk_size]))
-        out.append(per_t)
-    return out
