@@ -44,7 +44,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -74,6 +73,7 @@ def _import_memory_modules():
 _import_memory_modules()
 from fairseq_longmem.modules.memory_bank import chunk_validity, resolve_dtype  # noqa: E402
 from fairseq_longmem.modules.memory_factory import build_memory  # noqa: E402
+from fairseq_longmem.modules.memory_spec import MemorySpec  # noqa: E402
 
 DEFAULT_SIZES = [4096, 16384, 65536, 262144, 1048576]
 ALL_BACKENDS = ["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw", "original"]
@@ -255,11 +255,6 @@ def run_one(backend, size, dtype_name, a, device):
     src = KeyStream(a.data, heads, a.head_dim, seed=a.seed, device=bank_device)
     qsrc = KeyStream(a.data, heads, a.head_dim, seed=a.seed, device=bank_device)
     qsrc.gen.manual_seed(a.seed + 1)
-    cfg = SimpleNamespace(
-        memory_ivf_nlist=a.ivf_nlist, memory_ivf_nprobe=a.ivf_nprobe, memory_hnsw_m=a.hnsw_m,
-        memory_hnsw_ef_search=a.hnsw_ef_search, memory_hnsw_ef_construction=a.hnsw_ef_construction,
-        memory_hnsw_blocks=a.hnsw_blocks, use_gpu_to_search=False,
-    )
     row = {
         "backend": backend, "size": size, "dtype": dtype_name,
         "device": str(bank_device),
@@ -273,7 +268,13 @@ def run_one(backend, size, dtype_name, a, device):
         bank = OriginalScheme(heads, a.head_dim, size, a.chunk, dtype, a.k)
         write = bank.write
     else:
-        bank = build_memory(backend, streams, heads, a.head_dim, size, a.chunk, dtype, bank_device, cfg)
+        spec = MemorySpec(
+            memory_size=size, chunk_size=a.chunk, k=a.k, backend=backend,
+            ivf_nlist=a.ivf_nlist, ivf_nprobe=a.ivf_nprobe, hnsw_m=a.hnsw_m,
+            hnsw_ef_search=a.hnsw_ef_search, hnsw_ef_construction=a.hnsw_ef_construction,
+            hnsw_blocks=a.hnsw_blocks,
+        )
+        bank = build_memory(spec, streams, heads, a.head_dim, dtype, bank_device)
         write = bank.write
     piece = max(a.segment, min(65536, (1 << 24) // (streams * heads * a.head_dim) // a.segment * a.segment))
     if backend == "original":
@@ -369,7 +370,7 @@ def verify_device(device, a) -> dict:
     out = {"device": str(device)}
     for dtype_name in a.dtypes:
         dtype = resolve_dtype(dtype_name)
-        banks = [build_memory("torch", 2, 4, 32, 4096, 4, dtype, dev)
+        banks = [build_memory(MemorySpec(4096, 4, 4), 2, 4, 32, dtype, dev)
                  for dev in (torch.device("cpu"), device)]
         gen = torch.Generator().manual_seed(0)
         for step in range(6):

@@ -14,4 +14,10 @@ the ``longmem-train`` / ``longmem-eval-lm`` / ``longmem-preprocess`` commands.
 
 __version__ = "0.1.0"
 
+import logging
+
+# faiss's loader logs which CPU instruction sets it tried (DEBUG/INFO lines such
+# as "Could not load library with AVX512 support"); that is not for a user's terminal
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
 from . import criterions, models, tasks  # noqa: F401,E402  (registration)

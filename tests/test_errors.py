@@ -76,7 +76,7 @@ def files(tiny_data, tiny_backbone, tmp_path_factory):
     # a memory saved by a model with --memory-size 64 (the cases below use 128)
     from conftest import build_longmem
 
-    f["memory64"] = root / "memory64.pt"
+    f["memory64"] = root / "memory64"  # holds valid.rank0.pt
     model, task = build_longmem(tiny_backbone, tiny_data, memory_path=str(f["memory64"]),
                                 memory_size=64)
     task.load_dataset("valid")
@@ -84,8 +84,10 @@ def files(tiny_data, tiny_backbone, tmp_path_factory):
     with torch.no_grad():
         for t in range(len(batches)):
             model(**batches.collater([batches[t]])["net_input"])
-    f["memory_truncated"] = root / "memory_truncated.pt"
-    f["memory_truncated"].write_bytes(f["memory64"].read_bytes()[:200])
+    f["memory_truncated"] = root / "memory_truncated"
+    f["memory_truncated"].mkdir()
+    (f["memory_truncated"] / "valid.rank0.pt").write_bytes(
+        (f["memory64"] / "valid.rank0.pt").read_bytes()[:200])
     return f
 
 
@@ -137,10 +139,12 @@ CASES = [
      lambda d, b, s, f: base_args(d, b, s, **{"--batch-size": "100000"}),
      "lower --batch-size"),
     ("memory-from-other-config", "train",
-     lambda d, b, s, f: base_args(d, b, s, **{"--memory-path": str(f["memory64"])}),
+     lambda d, b, s, f: base_args(d, b, s, **{"--memory-path": str(f["memory64"]),
+                                                 "--memory-from": "valid"}),
      "was built with memory_size=64 but this run has memory_size=128"),
     ("memory-file-truncated", "train",
-     lambda d, b, s, f: base_args(d, b, s, **{"--memory-path": str(f["memory_truncated"])}),
+     lambda d, b, s, f: base_args(d, b, s, **{"--memory-path": str(f["memory_truncated"]),
+                                                 "--memory-from": "valid"}),
      "delete it and rebuild"),
     ("eval-missing-checkpoint", "eval_lm", lambda d, b, s, f: ["--path", "/no/such/ckpt.pt"],
      "checkpoint not found"),

@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_longmem, setup_stream_task
 from fairseq_longmem.models.backbone import BackboneError
-from fairseq_longmem.models.longmem import segment_boundaries
+from fairseq_longmem.models.memory_lm import segment_boundaries
 from fairseq_longmem.modules.decoder_layer import decoder_forward
 from fairseq_longmem.modules.memory_bank import MemoryConfigError
 

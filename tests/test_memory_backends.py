@@ -10,13 +10,14 @@ is skipped.
 
 import types
 
-import faiss  # noqa: F401  (hard dependency: fail loudly if missing)
+import faiss  # hard dependency: fail loudly if missing
 import pytest
 import torch
 
 from fairseq_longmem.modules.memory_bank import MemoryConfigError
 from references import reference_search
 from fairseq_longmem.modules.memory_factory import MEMORY_BACKENDS, build_memory
+from fairseq_longmem.modules.memory_spec import MemorySpec
 from fairseq_longmem.modules.memory_io import FORMAT_VERSION, load_memory, read_memory_header, save_memory
 from test_memory_bank import History, check_against_reference, random_run
 
@@ -25,14 +26,13 @@ APPROX = ["faiss-ivf", "faiss-hnsw"]
 FIELDS = ("keys", "values", "mask", "chunk_index", "chunk_logical")
 
 # small indexes that are really approximate (more than one list / block)
-SMALL_CFG = types.SimpleNamespace(
-    memory_ivf_nlist=8, memory_ivf_nprobe=6, memory_hnsw_m=8, memory_hnsw_ef_search=32,
-    memory_hnsw_blocks=4, use_gpu_to_search=False,
-)
+SMALL_KNOBS = dict(ivf_nlist=8, ivf_nprobe=6, hnsw_m=8, hnsw_ef_search=32, hnsw_blocks=4)
 
 
-def make(backend, bsz=2, heads=2, d=8, memory=64, chunk=4, dtype=torch.float32, cfg=SMALL_CFG):
-    return build_memory(backend, bsz, heads, d, memory, chunk, dtype, None, cfg)
+def make(backend, bsz=2, heads=2, d=8, memory=64, chunk=4, dtype=torch.float32,
+         knobs=SMALL_KNOBS):
+    spec = MemorySpec(memory_size=memory, chunk_size=chunk, k=chunk, backend=backend, **knobs)
+    return build_memory(spec, bsz, heads, d, dtype)
 
 
 def same(a, b, rows=None):
@@ -90,10 +90,10 @@ def test_exact_backends_equal_reference(backend, shape):
 def test_every_backend_exact_on_tiny_memories(backend):
     """Memories too small for an index (IVF: one list; HNSW: blocks of 2 chunks
     searched with efSearch >= their size) must still be exact and honour windows."""
-    bank = make(backend, 3, 2, 8, 64, 4, cfg=None)
+    bank = make(backend, 3, 2, 8, 64, 4, knobs={})
     random_run(bank, steps=8, seg_len=10, k=8, seed=3)
     # writes longer than the memory (chunks evicted before ever being indexed)
-    bank = make(backend, 2, 2, 4, 16, 2, cfg=types.SimpleNamespace(memory_hnsw_blocks=2))
+    bank = make(backend, 2, 2, 4, 16, 2, knobs=dict(hnsw_blocks=2))
     random_run(bank, steps=8, seg_len=21, k=4, seed=4)
 
 
@@ -169,8 +169,8 @@ def test_isolation_and_reset(backend):
 @pytest.mark.parametrize("backend", MEMORY_BACKENDS)
 def test_eviction_is_fifo(backend):
     c, memory = 4, 64
-    bank = make(backend, 1, 1, 2, memory, c, cfg=types.SimpleNamespace(
-        memory_ivf_nlist=1, memory_ivf_nprobe=1, memory_hnsw_blocks=4, memory_hnsw_ef_search=64))
+    bank = make(backend, 1, 1, 2, memory, c, knobs=dict(
+        ivf_nlist=1, ivf_nprobe=1, hnsw_blocks=4, hnsw_ef_search=64))
     q = torch.tensor([[[[1.0, 0.0]]]])
     written = 0
     for n in (3, 9, 14, 1, 30, 7, 22, 40, 2):
@@ -336,9 +336,39 @@ def test_save_is_atomic_and_meta_cannot_shadow_config(tmp_path, monkeypatch):
     assert path.read_bytes() == first and not list(path.parent.glob("*.tmp-*"))
 
 
-def test_unknown_backend():
+def test_spec_refuses_bad_knobs():
     with pytest.raises(MemoryConfigError, match="unknown --memory-backend 'annoy'"):
-        build_memory("annoy", 1, 1, 4, 16, 4, torch.float32)
+        MemorySpec(memory_size=16, chunk_size=4, k=4, backend="annoy")
+    with pytest.raises(MemoryConfigError, match="--memory-ivf-nprobe must be >= 1"):
+        MemorySpec(memory_size=16, chunk_size=4, k=4, ivf_nprobe=0)
+    with pytest.raises(MemoryConfigError, match="--memory-hnsw-m must be >= 2"):
+        MemorySpec(memory_size=16, chunk_size=4, k=4, hnsw_m=1)
+    with pytest.raises(MemoryConfigError, match="unknown memory dtype"):
+        MemorySpec(memory_size=16, chunk_size=4, k=4, dtype="int8")
+
+
+def test_spec_from_a_model_config_and_its_flags():
+    """Every spec field comes from a model flag; flags absent from an old config
+    take the defaults."""
+    from fairseq_longmem.models.memory_lm import MemoryLMConfig
+    from fairseq_longmem.modules.memory_spec import CONFIG_FIELDS
+
+    cfg = MemoryLMConfig(memory_size=128, chunk_size=8, k=16, memory_backend="faiss-hnsw",
+                         memory_hnsw_blocks=3, memory_ivf_niter=5)
+    spec = MemorySpec.from_config(cfg)
+    assert (spec.memory_size, spec.chunk_size, spec.k, spec.backend) == (128, 8, 16, "faiss-hnsw")
+    assert spec.hnsw_blocks == 3 and spec.ivf_niter == 5
+    assert all(hasattr(cfg, flag) for flag in CONFIG_FIELDS.values())
+    old = types.SimpleNamespace(memory_size=64, chunk_size=4, k=8)
+    assert MemorySpec.from_config(old) == MemorySpec(64, 4, 8)
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="faiss here has GPU support")
+def test_gpu_search_without_gpu_faiss_is_an_error():
+    spec = MemorySpec(memory_size=16, chunk_size=4, k=4, backend="faiss-flat",
+                      use_gpu_to_search=True)
+    with pytest.raises(MemoryConfigError, match="--use-gpu-to-search: this faiss build has no GPU"):
+        build_memory(spec, 1, 1, 4)
 
 
 @pytest.mark.parametrize("backend", APPROX)

@@ -134,10 +134,9 @@ def test_memory_goes_stale_as_weights_train(trained, tiny_backbone, tiny_data):
     written = []
     for model in (before, after):
         model.decoder.reset_memory()
-        model.decoder.record_written = True
         with torch.no_grad():
-            model(**sample["net_input"])
-        written.append(model.decoder.last_written[0])
+            _, extra = model(**sample["net_input"])
+        written.append(extra["written"][0])
         bank = model.decoder.memories["valid"]
         assert int(bank.total.min()) > 0
     assert written[0].shape == written[1].shape

@@ -7,32 +7,58 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import PLUGIN_DIR, REPO_ROOT, build_longmem, run_fairseq
+from fairseq_longmem.eval.token_losses import document_stream
 from test_training import losses, out, train_args
 
 
-def test_replay_rebuilds_memory_exactly(tiny_backbone, tiny_data):
-    model, task = build_longmem(tiny_backbone, tiny_data, memory_gate_init=2.0)
-    r = model.replay_segments(32)
-    assert r == 64 // 32 + 1
-    task.replay_segments = r
-    task.load_dataset("train")
-    batches = task.stream_batches(task.dataset("train"), 3)
-    n = 7
+def _replay_case(tiny_backbone, tiny_data, T, doc_lengths, bsz, backend="torch"):
+    """Logits of every batch read straight through, and of each batch t > 0 read
+    by a fresh task after a jump (the resume path: the task rebuilds the memory)."""
+    model, task = build_longmem(tiny_backbone, tiny_data, tokens_per_sample=T,
+                                memory_gate_init=2.0, memory_backend=backend)
+    g = torch.Generator().manual_seed(0)
+    n_types = len(task.source_dictionary)
+    docs = [torch.randint(4, n_types, (n,), generator=g).tolist() for n in doc_lengths]
+    stream = document_stream(docs, task.source_dictionary.eos(), name="train")
+    batches = task.stream_batches(stream, bsz)
     with torch.no_grad():
         model.decoder.reset_memory()
-        for t in range(n):
-            s = batches.collater([batches[t]])
-            ref = model(**s["net_input"])[0]
-        # a fresh process resuming at batch n-1: the dataset sees a jump and replays
-        fresh = task.stream_batches(task.dataset("train"), 3)
-        s = fresh.collater([fresh[n - 1]])
-        assert s["net_input"]["replay_tokens"].shape[0] == r
-        model.decoder.reset_memory()
-        got = model(**s["net_input"])[0]
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        straight = [model(**batches.collater([batches[t]])["net_input"])[0]
+                    for t in range(len(batches))]
+        for t in range(1, len(batches)):
+            fresh = task.stream_batches(stream, bsz)  # a new process: nothing seen yet
+            model.decoder.reset_memory()
+            sample = fresh.collater([fresh[t]])
+            task.rebuild_memory_after_jump(sample, model)
+            got = model(**sample["net_input"])[0]
+            torch.testing.assert_close(got, straight[t], rtol=0, atol=0,
+                                       msg=lambda m: f"batch {t}: {m}")
+
+
+@pytest.mark.parametrize("T,doc_lengths,bsz", [
+    (32, [2, 500], 1),  # a start at position 2, long before the replayed window
+    (30, [450], 1),  # T not a multiple of the chunk size
+    (32, [2, 170, 9, 300], 2),  # starts inside the replayed window, rows with other offsets
+    (30, [7, 61, 3, 333, 5, 250], 3),  # all of it, three rows
+])
+def test_replay_rebuilds_memory_exactly(tiny_backbone, tiny_data, T, doc_lengths, bsz):
+    _replay_case(tiny_backbone, tiny_data, T, doc_lengths, bsz)
+
+
+def test_replay_rebuilds_faiss_flat_memory_exactly(tiny_backbone, tiny_data):
+    _replay_case(tiny_backbone, tiny_data, 30, [7, 61, 3, 333], 2, backend="faiss-flat")
+
+
+def test_replay_segments_cover_the_memory(tiny_backbone, tiny_data):
+    model, _ = build_longmem(tiny_backbone, tiny_data)
+    assert model.decoder.replay_segments(32) == 64 // 32 + 1
+    assert model.decoder.replay_segments(30) == 3 + 1
+    off, _ = build_longmem(tiny_backbone, tiny_data, use_external_memory=False)
+    assert off.decoder.replay_segments(32) == 0
 
 
 def _env():
@@ -76,7 +102,7 @@ def test_sigkill_resume_matches_uninterrupted_run_and_runs_are_deterministic(
                              text=True, env=_env(), timeout=600)
     log = out(resumed)
     assert resumed.returncode == 0, log[-3000:]
-    assert "replaying batches" in log
+    assert "memory rebuilt from batches" in log
     after = losses(log)
     assert len(after) == steps - 10  # continued from update 10, not from the start
     for a, b in zip(after[:20], ref1[10:30]):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import run_fairseq, setup_stream_task, write_split
 from fairseq_longmem.data.stream_dataset import DocumentStream, StreamBatches, StreamDataError
-from fairseq_longmem.models.longmem import segment_boundaries
+from fairseq_longmem.models.memory_lm import segment_boundaries
 from fairseq_longmem.modules.memory_bank import MemoryBank
 
 EOS, PAD = 2, 1

@@ -17,13 +17,14 @@ class LongMemCrossEntropyConfig(CrossEntropyCriterionConfig):
 
 @register_criterion("longmem_cross_entropy", dataclass=LongMemCrossEntropyConfig)
 class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
-    """Token-level cross entropy; also logs memory fill (tokens per stream), the
+    """Token-level cross entropy (sentence-level with ``--sentence-avg``, as
+    fairseq's ``cross_entropy``); also logs memory fill (tokens per stream), the
     share of queries that read memory and the mean memory gate sigmoid(g)."""
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["ntokens"]
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": loss.data,
             "ntokens": sample["ntokens"],

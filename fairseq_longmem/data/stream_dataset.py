@@ -1,4 +1,4 @@
-"""Documents as streams (DESIGN.md 3).
+"""Documents as streams: each batch row continues the same stream of documents.
 
 A binarized split is a list of lines; an item of size 1 (only ``</s>``) is an
 empty line, i.e. a document separator. :class:`DocumentStream` turns it into
@@ -155,26 +155,24 @@ class StreamBatches(torch.utils.data.Dataset):
         starts[bounds[:-1]] = True  # every stream starts with an empty memory
         self.starts = starts
         self.sizes = np.full(self.num_batches, bsz * tokens_per_sample)
-        # resume support: when batch t is served right after something other than
-        # batch t-1 (a restart from checkpoint_last.pt), the previous replay_segments
-        # batches come with it so that the model can rebuild its memory exactly
-        self.replay_segments = 0
-        self._next = 0
+        self._start_positions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __getitem__(self, t: int) -> Dict[str, torch.Tensor]:
-        item = self.segment(t)
-        if self.replay_segments and t > 0 and t != self._next:
-            first = max(0, t - self.replay_segments)
-            past = [self.segment(i) for i in range(first, t)]
-            item["replay_src"] = torch.stack([p["src"] for p in past])
-            item["replay_doc_start"] = torch.stack([p["doc_start"] for p in past])
-            logger.info("batch %d served after a jump: replaying batches %d..%d into memory",
-                        t, first, t - 1)
-        self._next = t + 1
-        return item
+        return self.segment(t)
+
+    def document_offsets(self, t: int) -> np.ndarray:
+        """Per row, ``(bsz,)``: tokens of the row's current memory scope (document,
+        or stream) read before batch ``t``, i.e. what its memory has counted
+        since its last reset when batch ``t`` begins (0 where the scope starts
+        exactly there, or the stream has ended)."""
+        if self._start_positions is None:
+            self._start_positions = np.flatnonzero(self.starts)
+        a = self.bounds[:-1] + t * self.tokens_per_sample
+        last = self._start_positions[np.searchsorted(self._start_positions, a, "right") - 1]
+        return np.where(a < self.bounds[1:], a - last, 0).astype(np.int64)
 
     def segment(self, t: int) -> Dict[str, torch.Tensor]:
         """Batch ``t`` alone: inputs, targets and document starts, ``(bsz, T)`` each."""
@@ -208,13 +206,13 @@ class StreamBatches(torch.utils.data.Dataset):
             "doc_start": item["doc_start"],
             "memory_key": self.memory_key,
         }
+        if item["id"] == 0:
+            net_input["first_segment"] = True
         if item["id"] == self.num_batches - 1:
             net_input["last_segment"] = True
-        if "replay_src" in item:
-            net_input["replay_tokens"] = item["replay_src"]
-            net_input["replay_doc_start"] = item["replay_doc_start"]
         return {
             "id": torch.arange(B) + item["id"] * B,
+            "segment": item["id"],
             "net_input": net_input,
             "target": tgt,
             "nsentences": B,

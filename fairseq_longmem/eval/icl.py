@@ -266,7 +266,7 @@ def prepare_memory(lm: LoadedModel, ids: PromptIds, memory_demos, meta: dict,
         from ..modules.memory_io import load_memory
 
         device = next(model.parameters()).device
-        bank = load_memory(path, expected=meta, device=device, cfg=model.decoder.cfg)
+        bank = load_memory(path, expected=meta, device=device, spec=model.decoder.spec)
         model.decoder.reset_memory(MEMORY_KEY)
         model.decoder.memories[MEMORY_KEY] = bank
         logger.info("%s: memory of %d demonstrations loaded from %s", lm.name, len(memory_demos), path)

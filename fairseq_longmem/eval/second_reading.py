@@ -45,12 +45,12 @@ def second_reading(model, task, stream, length: int = 2048, min_length: int = 25
     probe = document_stream([np.concatenate([o, o]) for o in ops], task.source_dictionary.eos())
     half = np.array([len(o) for o in ops])
     decoder = getattr(model, "decoder", None)
-    records = hasattr(decoder, "record_retrieval") and decoder.cfg.use_external_memory
+    records = hasattr(decoder, "rebuild_memory") and decoder.cfg.use_external_memory
     hits_any, hits_head, queries = [0], [0.0], [0]
     chunk = decoder.cfg.chunk_size if records else 1
 
-    def on_batch(t, sample, model_):
-        got = decoder.last_retrieval
+    def on_batch(t, sample, extra):
+        got = extra.get("retrieval") if isinstance(extra, dict) else None
         if got is None:
             return
         T = sample["net_input"]["src_tokens"].size(1)
@@ -69,17 +69,10 @@ def second_reading(model, task, stream, length: int = 2048, min_length: int = 25
         hits_head[0] += float(hit.float().mean(0).sum())
         queries[0] += len(idx)
 
-    if records:
-        decoder.record_retrieval = True
     batches_bounds = task.stream_batches(probe, 1).bounds
-    try:
-        losses: TokenLosses = stream_token_losses(
-            model, task, probe, batch_size=1, on_batch=on_batch if records else None
-        )
-    finally:
-        if records:
-            decoder.record_retrieval = False
-            decoder.last_retrieval = None
+    losses: TokenLosses = stream_token_losses(
+        model, task, probe, batch_size=1, on_batch=on_batch if records else None
+    )
     in_second = losses.pos >= half[losses.doc]
     return SecondReading(
         perplexity=float(np.exp(losses.nll[in_second].mean())),

@@ -54,11 +54,12 @@ def stream_token_losses(
     stream: DocumentStream,
     batch_size: int = 1,
     device: Optional[torch.device] = None,
-    on_batch: Optional[Callable[[int, dict, object], None]] = None,
+    on_batch: Optional[Callable[[int, dict, dict], None]] = None,
     log_every: int = 0,
 ) -> TokenLosses:
-    """Run ``model`` over ``stream`` in order; ``on_batch(t, sample, model)`` is
-    called after each batch (probes read the model's recorded retrieval there)."""
+    """Run ``model`` over ``stream`` in order; ``on_batch(t, sample, extra)`` is
+    called after each batch with the model's second output (probes read what
+    the memory layer retrieved there: ``extra["retrieval"]``)."""
     model.eval()
     decoder = getattr(model, "decoder", None)
     if hasattr(decoder, "reset_memory"):
@@ -73,7 +74,7 @@ def stream_token_losses(
         net_input = {
             k: (v.to(device) if torch.is_tensor(v) else v) for k, v in sample["net_input"].items()
         }
-        logits = model(**net_input)[0]
+        logits, extra = model(**net_input)[:2]
         lprobs = torch.log_softmax(logits.float(), dim=-1)
         target = sample["target"].to(device)
         nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -86,7 +87,7 @@ def stream_token_losses(
         nll_all.append(nll[keep].cpu().numpy())
         pos_all.append(input_pos[keep].cpu().numpy())
         if on_batch is not None:
-            on_batch(t, sample, model)
+            on_batch(t, sample, extra)
         if log_every and (t + 1) % log_every == 0:
             logger.info("%s: batch %d/%d", stream.name, t + 1, len(batches))
     nll = np.concatenate(nll_all) if nll_all else np.zeros(0)

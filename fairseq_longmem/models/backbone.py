@@ -1,4 +1,4 @@
-"""Loading and checking the frozen backbone (DESIGN.md 1.1).
+"""Loading and checking the frozen backbone (any fairseq decoder-only LM checkpoint).
 
 A backbone is a fairseq checkpoint of ``alibi_lm`` (ours) or of fairseq's own
 ``transformer_lm`` family. LongMem embeds the backbone's weights in its own

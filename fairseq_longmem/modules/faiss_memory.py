@@ -32,7 +32,8 @@ model: one faiss call per head) and copy queries/keys between the bank's
 device and the host; ``write``/``reset``/``search`` synchronise with the host
 (``total`` is read on the host to update the indexes). Use the torch backend
 on GPU when the memory fits in device memory. GPU support: only ``faiss-flat``
-uses the GPU (``faiss.knn_gpu``), and that path cannot be tested on a CPU-only
+uses the GPU (``faiss.knn_gpu``, with ``--use-gpu-to-search``; a faiss build
+without GPU support refuses the flag), and that path cannot be tested on a CPU-only
 faiss; IVF removal by id and HNSW are CPU-only in faiss, so those backends
 always search on CPU.
 """
@@ -40,21 +41,18 @@ always search on CPU.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
-from .memory_bank import MemoryBank, MemoryConfigError, topk_chunks, valid_chunk_range
+from ..errors import MemoryConfigError
+from .memory_bank import MemoryBank, topk_chunks, valid_chunk_range
+from .memory_spec import MemorySpec
 
 IP = faiss.METRIC_INNER_PRODUCT
-
-
-def _cfg(cfg: Any, name: str, default):
-    value = getattr(cfg, name, None) if cfg is not None else None
-    return default if value is None else value
 
 
 def faiss_has_gpu() -> bool:
@@ -113,10 +111,19 @@ class FaissMemoryBank(MemoryBank):
         chunk_size: int,
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device | str] = None,
-        cfg: Any = None,
+        spec: Optional[MemorySpec] = None,
     ):
         super().__init__(num_streams, num_heads, head_dim, memory_size, chunk_size, dtype, device)
-        self.use_gpu = bool(_cfg(cfg, "use_gpu_to_search", False)) and faiss_has_gpu()
+        if spec is None:
+            spec = MemorySpec(memory_size, chunk_size, k=chunk_size, backend=self.backend)
+        self.spec = spec
+        if spec.use_gpu_to_search and not faiss_has_gpu():
+            raise MemoryConfigError(
+                "--use-gpu-to-search: this faiss build has no GPU support (or sees no GPU); "
+                "install faiss-gpu on a GPU machine, or drop the flag to search on the CPU "
+                "(or use --memory-backend torch, which searches on the model's device)"
+            )
+        self.use_gpu = bool(spec.use_gpu_to_search)
         self._gpu_res = None
         # logical chunk range [lo, hi) of each row that the structures hold
         self._lo = np.zeros(num_streams, dtype=np.int64)
@@ -131,6 +138,13 @@ class FaissMemoryBank(MemoryBank):
         for r in todo:
             self._lo[r] = self._hi[r] = 0
             self._reset_row(int(r))
+
+    def _after_skip(self) -> None:
+        # skipped tokens were never stored: the structures start empty at the
+        # first chunk the next write can complete
+        hi = self.total.cpu().numpy() // self.chunk_size
+        self._lo[:] = hi
+        self._hi[:] = hi
 
     def _after_write(self, before: Tensor, after: Tensor) -> None:
         totals = after.cpu().numpy()
@@ -244,8 +258,8 @@ class FlatMemoryBank(FaissMemoryBank):
 
     backend = "faiss-flat"
 
-    def __init__(self, *args, cfg: Any = None, **kw):
-        super().__init__(*args, cfg=cfg, **kw)
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
         # faiss reads fp32 host memory: a CPU fp32 ring is read in place, any
         # other ring gets an fp32 host mirror updated with each write's new chunks
         self._mirror: Optional[np.ndarray] = None
@@ -312,22 +326,21 @@ class IVFMemoryBank(FaissMemoryBank):
 
     backend = "faiss-ivf"
 
-    def __init__(self, *args, cfg: Any = None, **kw):
-        super().__init__(*args, cfg=cfg, **kw)
-        want = int(_cfg(cfg, "memory_ivf_nlist", 1024))
-        if want < 1:
-            raise MemoryConfigError(f"--memory-ivf-nlist must be >= 1, got {want}")
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        want = int(self.spec.ivf_nlist)
         self.requested_nlist = want
         # >= 40 training points per list (faiss' own advice), even on a small memory
         self.nlist = max(1, min(want, self.num_chunks // 40))
-        self.nprobe = max(1, int(_cfg(cfg, "memory_ivf_nprobe", 32)))
+        self.nprobe = int(self.spec.ivf_nprobe)
         self.train_size = min(self.num_chunks, 40 * self.nlist)
-        self.niter = int(_cfg(cfg, "memory_ivf_niter", 10))
+        self.niter = int(self.spec.ivf_niter)
         self._trained = np.zeros(self.num_streams, dtype=bool)
         self._index: list = [[None] * self.num_heads for _ in range(self.num_streams)]
 
     def backend_params(self) -> dict:
-        return {"memory_ivf_nlist": self.requested_nlist, "memory_ivf_nprobe": self.nprobe}
+        return {"ivf_nlist": self.requested_nlist, "ivf_nprobe": self.nprobe,
+                "ivf_niter": self.niter}
 
     def _row_searchable(self, r: int) -> bool:
         return bool(self._trained[r])
@@ -402,17 +415,12 @@ class HNSWMemoryBank(FaissMemoryBank):
 
     backend = "faiss-hnsw"
 
-    def __init__(self, *args, cfg: Any = None, **kw):
-        super().__init__(*args, cfg=cfg, **kw)
-        self.m = int(_cfg(cfg, "memory_hnsw_m", 32))
-        self.ef_search = int(_cfg(cfg, "memory_hnsw_ef_search", 32))
-        self.ef_construction = int(_cfg(cfg, "memory_hnsw_ef_construction", 40))
-        blocks = int(_cfg(cfg, "memory_hnsw_blocks", 8))
-        if self.m < 2 or blocks < 1:
-            raise MemoryConfigError(
-                f"faiss-hnsw needs --memory-hnsw-m >= 2 and >= 1 block, got m={self.m}, "
-                f"blocks={blocks}"
-            )
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.m = int(self.spec.hnsw_m)
+        self.ef_search = int(self.spec.hnsw_ef_search)
+        self.ef_construction = int(self.spec.hnsw_ef_construction)
+        blocks = int(self.spec.hnsw_blocks)
         self.blocks = blocks
         self.block_chunks = math.ceil(self.num_chunks / blocks)
         # one spare sub-index: when block j starts, block j - ring is wholly evicted
@@ -425,10 +433,10 @@ class HNSWMemoryBank(FaissMemoryBank):
 
     def backend_params(self) -> dict:
         return {
-            "memory_hnsw_m": self.m,
-            "memory_hnsw_ef_search": self.ef_search,
-            "memory_hnsw_ef_construction": self.ef_construction,
-            "memory_hnsw_blocks": self.blocks,
+            "hnsw_m": self.m,
+            "hnsw_ef_search": self.ef_search,
+            "hnsw_ef_construction": self.ef_construction,
+            "hnsw_blocks": self.blocks,
         }
 
     def _new_index(self):

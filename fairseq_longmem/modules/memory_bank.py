@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..errors import LongMemError
+from ..errors import MemoryConfigError
 from . import fused_search
 
 DTYPES = {
@@ -39,10 +39,6 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
-
-
-class MemoryConfigError(LongMemError):
-    """A memory configuration that cannot work (message names the fix)."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -346,6 +342,20 @@ class MemoryBank:
         self._after_reset(rows)
 
     def _after_reset(self, rows: Optional[Tensor]) -> None:
+        """Hook for backends with search structures (torch: nothing to do)."""
+
+    def skip(self, tokens: Tensor) -> None:
+        """Count ``tokens`` ``(bsz,)`` more tokens per row without storing them.
+
+        For a memory rebuilt from the middle of a document: chunk boundaries
+        stay where they are in the uninterrupted stream. The skipped tokens are
+        older than anything a rebuild keeps: once ``memory_size`` more tokens are
+        written, no chunk holding one of them is retrievable.
+        """
+        self.total = self.total + tokens.to(device=self.device, dtype=torch.long).clamp(min=0)
+        self._after_skip()
+
+    def _after_skip(self) -> None:
         """Hook for backends with search structures (torch: nothing to do)."""
 
     # ------------------------------------------------------------------ write

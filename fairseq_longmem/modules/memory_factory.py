@@ -1,4 +1,4 @@
-"""Choose a memory backend by name (``--memory-backend``).
+"""Build a memory bank from a :class:`~.memory_spec.MemorySpec` (``--memory-backend``).
 
 ``torch`` (default): exact search on the bank's device (one batched matmul +
 top-k per segment). ``faiss-flat``: exact, faiss brute-force kernels.
@@ -8,42 +8,30 @@ to scan exactly. See docs/memory.md.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from .memory_bank import MemoryBank, MemoryConfigError
+from .memory_bank import MemoryBank
+from .memory_spec import MEMORY_BACKENDS, MemorySpec
 
-MEMORY_BACKENDS = ["torch", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+__all__ = ["MEMORY_BACKENDS", "build_memory"]
 
 
 def build_memory(
-    backend: str,
+    spec: MemorySpec,
     num_streams: int,
     num_heads: int,
     head_dim: int,
-    memory_size: int,
-    chunk_size: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
-    cfg: Any = None,
-):
-    """A memory bank of the given backend; every backend has MemoryBank's interface.
+) -> MemoryBank:
+    """A bank of ``spec.backend`` with ``num_streams`` rings of ``(num_heads, head_dim)``
+    keys/values, stored in ``dtype`` on ``device``; every backend has MemoryBank's
+    interface."""
+    args = (num_streams, num_heads, head_dim, spec.memory_size, spec.chunk_size, dtype, device)
+    if spec.backend == "torch":
+        return MemoryBank(*args)
+    from .faiss_memory import FAISS_BACKENDS  # faiss is imported only when used
 
-    ``cfg`` (the model config, or None for defaults) supplies the faiss knobs:
-    ``memory_ivf_nlist``, ``memory_ivf_nprobe``, ``memory_hnsw_m``,
-    ``use_gpu_to_search`` (and, if present, ``memory_hnsw_ef_search``,
-    ``memory_hnsw_ef_construction``, ``memory_hnsw_blocks``, ``memory_ivf_niter``).
-    """
-    backend = str(backend)
-    if backend == "torch":
-        return MemoryBank(num_streams, num_heads, head_dim, memory_size, chunk_size, dtype, device)
-    if backend in MEMORY_BACKENDS:
-        from .faiss_memory import FAISS_BACKENDS  # faiss is imported only when used
-
-        return FAISS_BACKENDS[backend](
-            num_streams, num_heads, head_dim, memory_size, chunk_size, dtype, device, cfg=cfg
-        )
-    raise MemoryConfigError(
-        f"unknown --memory-backend {backend!r}: choose one of {', '.join(MEMORY_BACKENDS)}"
-    )
+    return FAISS_BACKENDS[spec.backend](*args, spec=spec)

@@ -5,7 +5,8 @@ Format (``format_version`` 1): one ``torch.save`` file of a dict
 * ``format``: ``"fairseq-longmem-memory"``; ``format_version``: 1
 * ``config``: the bank's layout (:meth:`MemoryBank.config`): backend,
   num_streams, num_heads, head_dim, memory_size, chunk_size, dtype
-* ``backend_params``: knobs needed to rebuild the index (nlist, M, ...)
+* ``backend_params``: knobs needed to rebuild the index (``ivf_nlist``, ``hnsw_m``, ...;
+  files written before the memory spec existed name them ``memory_ivf_nlist``, ...)
 * ``meta``: whatever the caller adds (backbone identity/sha, retrieval layer,
   corpus, ...); checked on load like ``config``
 * ``state``: the ring (keys, values, chunk_keys, total) as CPU tensors, and
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from .memory_bank import MemoryBank, MemoryConfigError, dtype_name, resolve_dtype
+from ..errors import MemoryConfigError
+from .memory_bank import MemoryBank, dtype_name, resolve_dtype
 from .memory_factory import build_memory
+from .memory_spec import SEARCH_TIME_FIELDS, MemorySpec
 
 FORMAT = "fairseq-longmem-memory"
 FORMAT_VERSION = 1
@@ -72,7 +74,7 @@ def read_memory_header(path) -> dict:
 
 
 def load_memory(
-    path, expected: Optional[dict] = None, device=None, cfg: Any = None
+    path, expected: Optional[dict] = None, device=None, spec: Optional[MemorySpec] = None
 ) -> MemoryBank:
     """Load a memory saved by :func:`save_memory`.
 
@@ -80,9 +82,9 @@ def load_memory(
     ``num_heads``/``memory_size``/``backend``, and any ``meta`` key, e.g. the
     backbone sha): a missing or different field raises
     :class:`MemoryConfigError`. device: where the ring goes (default CPU).
-    cfg: optional runtime knobs for faiss search (``memory_ivf_nprobe``,
-    ``memory_hnsw_ef_search``, ``use_gpu_to_search``); index structure knobs
-    always come from the file.
+    spec: the caller's memory spec, for the knobs that only change how a faiss
+    index is searched (``ivf_nprobe``, ``hnsw_ef_search``, ``use_gpu_to_search``);
+    the index structure always comes from the file.
     """
     path = Path(path)
     blob = _read(path)
@@ -102,22 +104,25 @@ def load_memory(
                 f"{field}={want!r}: rerun with {field}={got!r}, or delete {path} to "
                 "rebuild the memory for this configuration"
             )
-    params = dict(blob.get("backend_params") or {})
-    for name in ("memory_ivf_nprobe", "memory_hnsw_ef_search", "use_gpu_to_search"):
-        value = getattr(cfg, name, None) if cfg is not None else None
-        if value is not None:
-            params[name] = value
+    params = {
+        (name[len("memory_"):] if name.startswith("memory_") else name): value
+        for name, value in (blob.get("backend_params") or {}).items()
+    }
+    if spec is not None:
+        params.update({name: getattr(spec, name) for name in SEARCH_TIME_FIELDS})
     try:
+        chunk_size = int(config["chunk_size"])
+        saved_spec = MemorySpec(
+            memory_size=int(config["memory_size"]), chunk_size=chunk_size, k=chunk_size,
+            backend=config["backend"], **params,
+        )
         bank = build_memory(
-            config["backend"],
+            saved_spec,
             int(config["num_streams"]),
             int(config["num_heads"]),
             int(config["head_dim"]),
-            int(config["memory_size"]),
-            int(config["chunk_size"]),
             resolve_dtype(config["dtype"]),
             torch.device(device) if device is not None else torch.device("cpu"),
-            cfg=SimpleNamespace(**params),
         )
         bank.load_state_dict(blob["state"])
     except MemoryConfigError as err:

@@ -1,4 +1,4 @@
-"""Residual side network (DESIGN.md 1.2) with its memory-augmented layer (1.5).
+"""Residual side network with its memory-augmented layer (joint attention).
 
 Side layer ``i`` is a copy of backbone layer ``r*i + (r-1)`` (same class, so
 ``--reload-ptm-layer`` initialisation is exact). Its input is the backbone's

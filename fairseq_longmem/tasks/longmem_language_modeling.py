@@ -1,17 +1,20 @@
-"""Document-stream language modelling task (DESIGN.md 3).
+"""Document-stream language modelling task.
 
 Each batch row continues the same stream of documents from one step to the
 next, so that a row's memory holds that row's past; per row the model is told
 where a new document starts (``doc_start``). fairseq-train, validation and
-fairseq-eval-lm all read in stream order.
+fairseq-eval-lm all read in stream order. After a resume from a checkpoint,
+:meth:`LongMemLanguageModelingTask.train_step` rebuilds each row's memory from
+the segments that preceded the first resumed one.
 """
 
 
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
+import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -50,7 +53,9 @@ class LongMemLanguageModelingTask(FairseqTask):
     def __init__(self, cfg: LongMemLanguageModelingConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
-        self.replay_segments = 0  # set from the model: batches replayed into memory on resume
+        # per split (memory key): the batches being served and the segment expected next
+        self._stream_batches: Dict[str, StreamBatches] = {}
+        self._next_segment: Dict[str, int] = {}
 
     @classmethod
     def setup_task(cls, cfg: LongMemLanguageModelingConfig, **kwargs):
@@ -121,8 +126,44 @@ class LongMemLanguageModelingTask(FairseqTask):
             memory_scope=str(self.cfg.memory_scope),
             memory_key=dataset.name or "default",
         )
-        batches.replay_segments = self.replay_segments
+        self._stream_batches[batches.memory_key] = batches
+        self._next_segment.pop(batches.memory_key, None)
         return batches
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self.rebuild_memory_after_jump(sample, model)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def rebuild_memory_after_jump(self, sample, model) -> None:
+        """When batch ``t > 0`` of a split comes after anything but batch ``t - 1``
+        (a run resumed from a checkpoint), rebuild the model's memory from the
+        segments before ``t`` (as many as the model asks for), so that the run
+        continues as if it had never stopped."""
+        t = sample.get("segment") if isinstance(sample, dict) else None
+        if t is None:
+            return
+        key = sample["net_input"]["memory_key"]
+        expected = self._next_segment.get(key, 0)
+        self._next_segment[key] = t + 1
+        decoder = getattr(unwrap_model(model), "decoder", None)
+        if t == expected or t == 0 or not hasattr(decoder, "rebuild_memory"):
+            return
+        n = decoder.replay_segments(self.cfg.tokens_per_sample)
+        batches = self._stream_batches.get(key)
+        if n == 0 or batches is None:
+            return
+        first = max(0, t - n)
+        past = [batches.segment(i) for i in range(first, t)]
+        device = sample["net_input"]["src_tokens"].device
+        tokens = torch.stack([p["src"] for p in past]).to(device)
+        doc_start = torch.stack([p["doc_start"] for p in past]).to(device)
+        offset = torch.from_numpy(batches.document_offsets(first))
+        if decoder.rebuild_memory(key, tokens, doc_start, offset):
+            logger.info("batch %d of %s served after a jump: memory rebuilt from batches %d..%d",
+                        t, key, first, t - 1)
+        else:
+            logger.info("batch %d of %s served after a jump: this model's memory is not "
+                        "rebuilt (it starts empty)", t, key)
 
     def _batch_size(self, max_sentences, max_tokens) -> int:
         if max_sentences:
@@ -200,11 +241,7 @@ class LongMemLanguageModelingTask(FairseqTask):
             )
 
     def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        replay = getattr(model, "replay_segments", None)
-        if callable(replay):
-            self.replay_segments = max(self.replay_segments, replay(self.cfg.tokens_per_sample))
-        return accept_stream_inputs(model)
+        return accept_stream_inputs(super().build_model(cfg, from_checkpoint))
 
     def max_positions(self):
         return self.cfg.tokens_per_sample
@@ -230,9 +267,16 @@ def accept_stream_inputs(model):
     inner = model.forward
 
     def forward(src_tokens, src_lengths=None, doc_start=None, memory_key=None,
-                replay_tokens=None, replay_doc_start=None, last_segment=None, **kwargs):
+                first_segment=None, last_segment=None, **kwargs):
         return inner(src_tokens, src_lengths=src_lengths, **kwargs)
 
     model.forward = forward
     model._stream_adapted = True
+    return model
+
+
+def unwrap_model(model):
+    """The model inside fairseq's (or torch's) distributed wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
     return model
