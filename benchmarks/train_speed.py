@@ -247,11 +247,13 @@ def search_impl(choice: str, timer: "SectionTimer"):
     saved = memory_bank.search_chunks
     impl = memory_bank.topk_chunks
     if choice == "fused":
-        from fairseq_longmem.modules.fused_search import fused_topk_chunks
+        from fairseq_longmem.modules.fused_search import fused_supported, fused_topk_chunks
 
-        def impl(*a, **kw):
+        def impl(q, ck, valid, kc):  # the kernel where it runs, else the torch path
             COUNTS["fused_search_calls"] += 1
-            return fused_topk_chunks(*a, **kw)
+            if not fused_supported(q.to(ck.device, ck.dtype), ck, kc):
+                return memory_bank.topk_chunks(q, ck, valid, kc)
+            return fused_topk_chunks(q.to(ck.device, ck.dtype), ck, valid, kc)
 
     memory_bank.search_chunks = timer.wrap("topk", impl)
     try:
