@@ -17,6 +17,7 @@ from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
+from ..data.document_index import is_mmap_split
 from ..data.stream_dataset import DocumentStream, StreamBatches, StreamDataError
 
 logger = logging.getLogger(__name__)
@@ -78,20 +79,26 @@ class LongMemLanguageModelingTask(FairseqTask):
                 f"split {split!r} holds no tokens ({prefix}.bin is empty); binarize a "
                 "non-empty split (preprocess/prepare_corpus.py) or choose another subset"
             )
-        try:
-            data = data_utils.load_indexed_dataset(prefix, self.dictionary, combine=combine)
-        except Exception as e:
-            raise StreamDataError(
-                f"corrupt binarized data at {prefix}.bin/.idx ({type(e).__name__}: "
-                f"{str(e)[:100]}); re-run preprocess/prepare_corpus.py"
-            ) from None
-        if data is None:
-            raise StreamDataError(
-                f"split {split!r} not found: {prefix}.bin/.idx missing; binarize it "
-                "(preprocess/prepare_corpus.py) or pick another --valid-subset/--gen-subset"
-            )
-        stream = DocumentStream.from_indexed(data, self.dictionary.eos(), name=split)
-        if len(stream.doc_starts) == 1 and len(data) > 1 and not self.cfg.allow_single_document:
+        if is_mmap_split(prefix):
+            prefixes = [prefix]
+            while combine and is_mmap_split(f"{prefix}{len(prefixes)}"):
+                prefixes.append(f"{prefix}{len(prefixes)}")
+            stream = DocumentStream.from_mmap(prefixes, self.dictionary.eos(), name=split)
+        else:
+            try:
+                data = data_utils.load_indexed_dataset(prefix, self.dictionary, combine=combine)
+            except Exception as e:
+                raise StreamDataError(
+                    f"corrupt binarized data at {prefix}.bin/.idx ({type(e).__name__}: "
+                    f"{str(e)[:100]}); re-run preprocess/prepare_corpus.py"
+                ) from None
+            if data is None:
+                raise StreamDataError(
+                    f"split {split!r} not found: {prefix}.bin/.idx missing; binarize it "
+                    "(preprocess/prepare_corpus.py) or pick another --valid-subset/--gen-subset"
+                )
+            stream = DocumentStream.from_indexed(data, self.dictionary.eos(), name=split)
+        if len(stream.doc_starts) == 1 and stream.num_items > 1 and not self.cfg.allow_single_document:
             raise StreamDataError(
                 f"split {split!r} has no document boundaries (no empty line between "
                 "documents); re-binarize with an empty line after each document "
