@@ -194,3 +194,34 @@ def test_task_batches_from_binarized_data(tiny_data):
     n_tokens = sum(b["ntokens"] for b in itr)
     assert n_tokens == task.dataset("valid").num_predictions
     assert len(task.dataset("valid").doc_starts) == 4
+
+
+def test_several_data_directories_one_per_epoch(tiny_data, tmp_path):
+    """DATA=dir1:dir2 (a corpus binarized in shards): epoch e reads dir ((e-1) mod 2)."""
+    import shutil
+
+    second = tmp_path / "shard2"
+    second.mkdir()
+    shutil.copy(tiny_data / "dict.txt", second / "dict.txt")
+    for ext in ("bin", "idx"):  # shard 2's train split = the fixture's test split
+        shutil.copy(tiny_data / f"test.{ext}", second / f"train.{ext}")
+    task = setup_stream_task(f"{tiny_data}:{second}")
+    sizes = {}
+    for epoch in (1, 2, 3):
+        task.load_dataset("train", epoch=epoch)
+        sizes[epoch] = task.dataset("train").num_predictions
+    one = setup_stream_task(tiny_data)
+    one.load_dataset("train")
+    one.load_dataset("test")
+    assert sizes == {1: one.dataset("train").num_predictions,
+                     2: one.dataset("test").num_predictions,
+                     3: one.dataset("train").num_predictions}
+    # a shard binarized with another dictionary is refused before training
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = (tiny_data / "dict.txt").read_text().splitlines()
+    (other / "dict.txt").write_text("\n".join([lines[1], lines[0]] + lines[2:]) + "\n")
+    with pytest.raises(StreamDataError, match="dictionary of .*other differs"):
+        setup_stream_task(f"{tiny_data}:{second}:{other}")
+    with pytest.raises(StreamDataError, match="no dict.txt in .*nosuch"):
+        setup_stream_task(f"{tiny_data}:{tmp_path / 'nosuch'}")

@@ -60,18 +60,33 @@ class LongMemLanguageModelingTask(FairseqTask):
                 "no data directory given: pass the binarized data directory as the first "
                 "argument (made by preprocess/prepare_corpus.py)"
             )
-        path = utils.split_paths(cfg.data)[0]
-        dict_path = os.path.join(path, "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise StreamDataError(
-                f"no dict.txt in {path}: is it a fairseq-preprocess output directory? "
-                "run preprocess/prepare_corpus.py first"
-            )
-        dictionary = Dictionary.load(dict_path)
+        paths = utils.split_paths(cfg.data)
+        dictionary = None
+        for path in paths:  # DATA=dir1:dir2:..: one directory per epoch, one dictionary
+            dict_path = os.path.join(path, "dict.txt")
+            if not os.path.isfile(dict_path):
+                raise StreamDataError(
+                    f"no dict.txt in {path}: is it a fairseq-preprocess output directory? "
+                    "run preprocess/prepare_corpus.py first"
+                )
+            d = Dictionary.load(dict_path)
+            if dictionary is None:
+                dictionary = d
+            elif d.symbols != dictionary.symbols:
+                raise StreamDataError(
+                    f"the dictionary of {path} differs from that of {paths[0]}: binarize "
+                    f"every data directory with the same dict.txt (fairseq-preprocess "
+                    f"--srcdict {os.path.join(paths[0], 'dict.txt')})"
+                )
         logger.info("dictionary: %d types", len(dictionary))
         return cls(cfg, dictionary)
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        """Load ``split`` from the data directory of this epoch (``DATA=dir1:dir2``: one
+        per epoch, in turn); with ``combine``, ``split1``, ``split2``.. are appended.
+
+        A fairseq memory-mapped split is read straight from disk (O(documents) in
+        memory); other index formats are copied into memory."""
         paths = utils.split_paths(self.cfg.data)
         prefix = os.path.join(paths[(epoch - 1) % len(paths)], split)
         if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:
