@@ -225,3 +225,30 @@ def test_several_data_directories_one_per_epoch(tiny_data, tmp_path):
         setup_stream_task(f"{tiny_data}:{second}:{other}")
     with pytest.raises(StreamDataError, match="no dict.txt in .*nosuch"):
         setup_stream_task(f"{tiny_data}:{tmp_path / 'nosuch'}")
+
+
+def test_resume_under_another_stream_layout_is_refused(tiny_data):
+    """The iterator state saved in checkpoints records the streams; resuming mid-epoch
+    with another number of streams stops with a clear error (same streams: resumes)."""
+    task = setup_stream_task(tiny_data, tokens_per_sample=16)
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    itr = task.get_batch_iterator(ds, max_sentences=2, num_shards=2, shard_id=0)
+    it = itr.next_epoch_itr(shuffle=False)
+    next(it), next(it)
+    state = itr.state_dict()
+    assert state["iterations_in_epoch"] == 2 and state["stream_layout"]["streams"] == 4
+    same = task.get_batch_iterator(ds, max_sentences=1, num_shards=4, shard_id=3)
+    same.load_state_dict(state)  # 4 ranks x 1 stream = the same 4 streams
+    assert same.iterations_in_epoch == 2
+    with pytest.raises(StreamDataError, match="over 4 streams .* this run has 2 streams"):
+        task.get_batch_iterator(ds, max_sentences=2, num_shards=1).load_state_dict(state)
+    longer = setup_stream_task(tiny_data, tokens_per_sample=32)
+    longer.load_dataset("valid")
+    with pytest.raises(StreamDataError, match="--reset-dataloader"):
+        longer.get_batch_iterator(longer.dataset("valid"), max_sentences=2,
+                                  num_shards=2).load_state_dict(state)
+    # at an epoch boundary the streams start afresh: any layout may continue
+    fresh = task.get_batch_iterator(ds, max_sentences=2, num_shards=1)
+    fresh.load_state_dict(dict(state, iterations_in_epoch=0, epoch=2))
+    assert fresh.next_epoch_idx == 2

@@ -170,7 +170,8 @@ class LongMemLanguageModelingTask(FairseqTask):
         batches = self.stream_batches(
             dataset, self._batch_size(max_sentences, max_tokens), num_shards, shard_id
         )
-        return iterators.EpochBatchIterator(
+        return StreamEpochBatchIterator(
+            layout=stream_layout(batches, num_shards),
             dataset=batches,
             collate_fn=batches.collater,
             batch_sampler=[[i] for i in range(len(batches))],
@@ -238,6 +239,57 @@ class LongMemLanguageModelingTask(FairseqTask):
     @property
     def target_dictionary(self):
         return self.dictionary
+
+
+def stream_layout(batches: StreamBatches, num_shards: int) -> dict:
+    """What a batch index means: the streams of the split and their segment length."""
+    return {
+        "streams": batches.bsz * num_shards,
+        "ranks": num_shards,
+        "batch_size": batches.bsz,
+        "tokens_per_sample": batches.tokens_per_sample,
+        "predictions": batches.stream.num_predictions,
+    }
+
+
+class StreamEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's epoch iterator; its state (saved in checkpoints) records the stream
+    layout, and resuming mid-epoch under another layout stops with a clear error.
+
+    Batch ``t`` is the ``t``-th window of each of ``ranks x batch_size`` streams; with
+    another number of streams (or segment length) the streams cut the documents
+    elsewhere, so the saved position and memory no longer correspond to the data.
+    """
+
+    def __init__(self, layout: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.layout = layout
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["stream_layout"] = dict(self.layout)
+        return state
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict.get("stream_layout")
+        keys = ("streams", "tokens_per_sample", "predictions")
+        if (saved and state_dict.get("iterations_in_epoch", 0) > 0
+                and any(saved.get(k) != self.layout[k] for k in keys)):
+            raise StreamDataError(
+                f"the checkpoint stopped at batch {state_dict['iterations_in_epoch']} of an epoch "
+                f"over {saved['streams']} streams ({saved['ranks']} ranks x --batch-size "
+                f"{saved['batch_size']}, --tokens-per-sample {saved['tokens_per_sample']}, "
+                f"{saved['predictions']} tokens); this run has {self.layout['streams']} streams "
+                f"({self.layout['ranks']} x {self.layout['batch_size']}, "
+                f"{self.layout['tokens_per_sample']}, {self.layout['predictions']} tokens), which "
+                "cut the documents elsewhere: resume with the same ranks x --batch-size, "
+                "--tokens-per-sample and data, or pass --reset-dataloader to start the epoch "
+                "afresh with the new layout"
+            )
+        if saved and saved.get("streams") != self.layout["streams"]:
+            logger.info("stream layout changed at an epoch boundary: %s -> %s",
+                        saved, self.layout)
+        super().load_state_dict(state_dict)
 
 
 def accept_stream_inputs(model):
