@@ -46,8 +46,10 @@ def build_split(root: Path, tokens: int, doc_tokens: int, line_tokens: int, seed
     rng = np.random.RandomState(seed)
     root.mkdir(parents=True, exist_ok=True)
     # documents: log-normal lengths with median doc_tokens
-    n_docs = max(1, int(tokens / (doc_tokens * np.exp(0.5))) + 1)
+    n_docs = int(1.5 * tokens / (doc_tokens * np.exp(0.5))) + 10  # mean = median * e^0.5
     doc_len = np.maximum(2, rng.lognormal(np.log(doc_tokens), 1.0, size=n_docs)).astype(np.int64)
+    while doc_len.sum() < tokens:
+        doc_len = np.append(doc_len, doc_len)
     doc_len = doc_len[: int(np.searchsorted(np.cumsum(doc_len), tokens)) + 1]
     # lines of every document: sizes >= 2 (a size-1 item is an empty line)
     n_lines = np.maximum(1, doc_len // line_tokens)
