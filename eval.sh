@@ -7,10 +7,15 @@
 #   bash eval.sh report      # the paper's tables and plots (python -m fairseq_longmem.eval.report)
 #
 # Variables: DATA_DIR, SUBSET (test), TOKENS_PER_SAMPLE (1024), BATCH_SIZE (1: whole documents
-# per stream), PTM_PATH, ABLATION_PATH, CKPT_PATH, MEMTRM_PATH, GPUS, EXTRA_ARGS.
+# per stream), PTM_PATH, ABLATION_PATH, CKPT_PATH, MEMTRM_PATH, DEVICE (auto|cuda|cpu), GPUS,
+# EXTRA_ARGS (split like a shell line, quotes respected). Python and devices as train.sh
+# (scripts/launch.sh); evaluation runs in one process: fairseq-eval-lm does not combine the
+# perplexities of several ranks.
 set -euo pipefail
-PYTHON="${PYTHON:-python3}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/launch.sh
+source "$ROOT/scripts/launch.sh"
+PYTHON="$(longmem_python)"
 MODE="${1:-ppl}"
 DATA_DIR="${DATA_DIR:-data-bin}"
 SUBSET="${SUBSET:-test}"
@@ -21,9 +26,15 @@ PTM_PATH="${PTM_PATH:-$CKPT_DIR/backbone/checkpoint_best.pt}"
 CKPT_PATH="${CKPT_PATH:-$CKPT_DIR/longmem_gpt2_medium/checkpoint_best.pt}"
 ABLATION_PATH="${ABLATION_PATH:-}"
 MEMTRM_PATH="${MEMTRM_PATH:-}"
-GPUS="${GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
-DEVICE_ARGS=(); [ "$GPUS" -eq 0 ] && DEVICE_ARGS=(--cpu)
+if [ "${NNODES:-1}" -gt 1 ] || [ "${NPROC_PER_NODE:-1}" -gt 1 ]; then
+  echo "error: eval.sh runs one process (fairseq-eval-lm does not combine the perplexities of" \
+       "several ranks); unset NNODES/NPROC_PER_NODE" >&2
+  exit 2
+fi
+PRECISION="${PRECISION:-fp32}"
+NNODES=1 NPROC_PER_NODE=1 longmem_setup_devices
+[ "$GPUS" -gt 0 ] && DEVICE_ARGS+=(--distributed-world-size 1)  # fairseq would use every GPU
+longmem_extra_args
 cd "$ROOT"
 
 if [ "$MODE" = "report" ]; then
@@ -40,7 +51,7 @@ evaluate() {  # $1 = label, $2 = checkpoint, $3.. = extra flags
   local out
   out=$("$PYTHON" -m fairseq_longmem.cli eval-lm "$DATA_DIR" --task longmem_language_modeling \
         --path "$path" --gen-subset "$SUBSET" --tokens-per-sample "$TOKENS_PER_SAMPLE" \
-        --batch-size "$BATCH_SIZE" "${DEVICE_ARGS[@]}" "$@" $EXTRA_ARGS 2>&1) || {
+        --batch-size "$BATCH_SIZE" "${DEVICE_ARGS[@]}" "$@" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1) || {
     echo "$out" | tail -20 >&2; exit 2; }
   local ppl
   ppl=$(echo "$out" | sed -n 's/.*Perplexity: \([0-9.]*\).*/\1/p' | tail -1)

@@ -10,17 +10,26 @@
 #   DATA_DIR=data-bin CKPT_DIR=checkpoints GPUS=8 bash train.sh adapt
 #   PTM_PATH=/models/my_transformer_lm.pt ARCH=longmem_gpt2_medium bash train.sh adapt
 #   ARCH=memtrm_gpt2_medium bash train.sh adapt          # the MemTRM baseline
-# GPUS=0 trains on CPU; NPROC>1 with GPUS=0 runs NPROC CPU processes under torchrun (gloo).
-# EXTRA_ARGS are appended to the fairseq command line.
+#   bash train.sh adapt --max-epoch 3 --adam-betas '(0.9, 0.98)'   # extra fairseq flags
+#
+# Devices and processes (scripts/launch.sh): DEVICE=auto|cuda|cpu (the *_gpt2_medium presets
+# refuse to start without a GPU unless DEVICE=cpu); one process per GPU (NPROC_PER_NODE), or
+# NPROC CPU processes (gloo); several nodes through torchrun: run the same command on every
+# node with NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0> MASTER_PORT=29500 (examples/slurm/).
+# The global batch is NNODES x NPROC_PER_NODE x BATCH_SIZE streams x UPDATE_FREQ.
+# UPDATE_FREQ (--update-freq), LOG_DIR (tensorboard logs, one folder per stage),
+# WANDB_PROJECT (--wandb-project). EXTRA_ARGS are appended to the fairseq command line,
+# split like a shell line (quotes respected, no globbing); so are arguments after the stage.
+# Python: PYTHON, else LONGMEM_VENV/bin/python, else .venv/bin/python, else python3.
 set -euo pipefail
-PYTHON="${PYTHON:-python3}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STAGE="${1:-all}"
+shift || true
+# shellcheck source=scripts/launch.sh
+source "$ROOT/scripts/launch.sh"
 
 DATA_DIR="${DATA_DIR:-data-bin}"
 CKPT_DIR="${CKPT_DIR:-checkpoints}"
-GPUS="${GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
-NPROC="${NPROC:-1}"
 # stage 1: backbone
 BACKBONE_ARCH="${BACKBONE_ARCH:-alibi_lm_gpt2_medium}"
 BACKBONE_TOKENS="${BACKBONE_TOKENS:-1024}"
@@ -43,40 +52,39 @@ RETRIEVAL_LAYER="${RETRIEVAL_LAYER:-17}"
 MEMORY_BACKEND="${MEMORY_BACKEND:-torch}"
 MEMORY_SCOPE="${MEMORY_SCOPE:-document}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-1000}"
-EXTRA_ARGS="${EXTRA_ARGS:-}"
+UPDATE_FREQ="${UPDATE_FREQ:-1}"
+LOG_DIR="${LOG_DIR:-}"
+WANDB_PROJECT="${WANDB_PROJECT:-}"
+CLI_ARGS=("$@")
 
-if [ "$GPUS" -gt 0 ]; then
-  DEVICE_ARGS=(--fp16 --distributed-world-size "$GPUS")
-  PRECISION="${PRECISION:-fp16}"
-  [ "$PRECISION" = "bf16" ] && DEVICE_ARGS=(--bf16 --distributed-world-size "$GPUS")
-  [ "$PRECISION" = "fp32" ] && DEVICE_ARGS=(--distributed-world-size "$GPUS")
-else
-  DEVICE_ARGS=(--cpu)
-  [ "$NPROC" -gt 1 ] && DEVICE_ARGS+=(--distributed-backend gloo)
-fi
+longmem_setup_devices
+longmem_extra_args
 
-launch() {  # fairseq-train with the plugin; torchrun for multi-process CPU runs
-  if [ "$GPUS" -eq 0 ] && [ "$NPROC" -gt 1 ]; then
-    "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" -m fairseq_longmem.cli train "$@"
-  else
-    "$PYTHON" -m fairseq_longmem.cli train "$@"
-  fi
+launch() {  # $1 = stage name (log folder), then fairseq-train flags
+  local name="$1"; shift
+  local knobs=(--update-freq "$UPDATE_FREQ")
+  [ -n "$LOG_DIR" ] && knobs+=(--tensorboard-logdir "$LOG_DIR/$name")
+  [ -n "$WANDB_PROJECT" ] && knobs+=(--wandb-project "$WANDB_PROJECT")
+  echo "[train.sh] $NNODES node(s) x $NPROC_PER_NODE process(es) ($([ "$GPUS" -gt 0 ] && echo GPU || echo CPU)), $PYTHON"
+  longmem_launch train "$@" "${knobs[@]}" "${DEVICE_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"} \
+    ${CLI_ARGS[@]+"${CLI_ARGS[@]}"}
 }
 
 stage_backbone() {
+  longmem_check_arch "$BACKBONE_ARCH"
   echo "[train.sh] stage 1: $BACKBONE_ARCH on $DATA_DIR -> $CKPT_DIR/backbone"
-  launch "$DATA_DIR" --task language_modeling --arch "$BACKBONE_ARCH" \
+  launch backbone "$DATA_DIR" --task language_modeling --arch "$BACKBONE_ARCH" \
     --sample-break-mode none --tokens-per-sample "$BACKBONE_TOKENS" \
     --batch-size "$BACKBONE_BATCH" --optimizer adam --adam-betas '(0.9,0.98)' --adam-eps 1e-6 \
     --lr "$BACKBONE_LR" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP" \
     --total-num-update "$BACKBONE_UPDATES" --max-update "$BACKBONE_UPDATES" \
     --weight-decay 0.01 --clip-norm 1.0 --save-dir "$CKPT_DIR/backbone" \
-    --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 2 --no-epoch-checkpoints \
-    "${DEVICE_ARGS[@]}" $EXTRA_ARGS
+    --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 2 --no-epoch-checkpoints
 }
 
 stage_adapt() {  # $1 = output dir name, $2.. = extra flags (memory on/off)
   local name="$1"; shift
+  longmem_check_arch "$ARCH"
   if [ -z "$PTM_PATH_GIVEN" ] && [ ! -f "$PTM_PATH" ] && [ -f "$CKPT_DIR/backbone/checkpoint_last.pt" ]; then
     PTM_PATH="$CKPT_DIR/backbone/checkpoint_last.pt"  # stage 1 ran without validation
   fi
@@ -85,7 +93,7 @@ stage_adapt() {  # $1 = output dir name, $2.. = extra flags (memory on/off)
     exit 2
   fi
   echo "[train.sh] stage 2 ($name): $ARCH over $PTM_PATH -> $CKPT_DIR/$name"
-  launch "$DATA_DIR" --task longmem_language_modeling --memory-scope "$MEMORY_SCOPE" \
+  launch "$name" "$DATA_DIR" --task longmem_language_modeling --memory-scope "$MEMORY_SCOPE" \
     --arch "$ARCH" --pretrained-model-path "$PTM_PATH" --reload-ptm-layer \
     --criterion longmem_cross_entropy --tokens-per-sample "$TOKENS_PER_SAMPLE" \
     --batch-size "$BATCH_SIZE" --optimizer adam --adam-betas '(0.9,0.98)' --adam-eps 1e-6 \
@@ -94,8 +102,7 @@ stage_adapt() {  # $1 = output dir name, $2.. = extra flags (memory on/off)
     --memory-size "$MEMORY_SIZE" --chunk-size "$CHUNK_SIZE" --k "$K" \
     --retrieval-layer-index "$RETRIEVAL_LAYER" --memory-backend "$MEMORY_BACKEND" \
     --save-dir "$CKPT_DIR/$name" --save-interval-updates "$SAVE_INTERVAL" \
-    --keep-interval-updates 2 --no-epoch-checkpoints \
-    "${DEVICE_ARGS[@]}" "$@" $EXTRA_ARGS
+    --keep-interval-updates 2 --no-epoch-checkpoints "$@"
 }
 
 cd "$ROOT"
@@ -106,5 +113,5 @@ case "$STAGE" in
   all)
     [ -f "$PTM_PATH" ] || stage_backbone
     stage_adapt "${ADAPT_NAME:-$ARCH}" --use-external-memory ;;
-  *) echo "usage: bash train.sh {backbone|adapt|ablation|all}" >&2; exit 2 ;;
+  *) echo "usage: bash train.sh {backbone|adapt|ablation|all} [fairseq flags]" >&2; exit 2 ;;
 esac

@@ -194,3 +194,61 @@ def test_task_batches_from_binarized_data(tiny_data):
     n_tokens = sum(b["ntokens"] for b in itr)
     assert n_tokens == task.dataset("valid").num_predictions
     assert len(task.dataset("valid").doc_starts) == 4
+
+
+def test_several_data_directories_one_per_epoch(tiny_data, tmp_path):
+    """DATA=dir1:dir2 (a corpus binarized in shards): epoch e reads dir ((e-1) mod 2)."""
+    import shutil
+
+    second = tmp_path / "shard2"
+    second.mkdir()
+    shutil.copy(tiny_data / "dict.txt", second / "dict.txt")
+    for ext in ("bin", "idx"):  # shard 2's train split = the fixture's test split
+        shutil.copy(tiny_data / f"test.{ext}", second / f"train.{ext}")
+    task = setup_stream_task(f"{tiny_data}:{second}")
+    sizes = {}
+    for epoch in (1, 2, 3):
+        task.load_dataset("train", epoch=epoch)
+        sizes[epoch] = task.dataset("train").num_predictions
+    one = setup_stream_task(tiny_data)
+    one.load_dataset("train")
+    one.load_dataset("test")
+    assert sizes == {1: one.dataset("train").num_predictions,
+                     2: one.dataset("test").num_predictions,
+                     3: one.dataset("train").num_predictions}
+    # a shard binarized with another dictionary is refused before training
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = (tiny_data / "dict.txt").read_text().splitlines()
+    (other / "dict.txt").write_text("\n".join([lines[1], lines[0]] + lines[2:]) + "\n")
+    with pytest.raises(StreamDataError, match="dictionary of .*other differs"):
+        setup_stream_task(f"{tiny_data}:{second}:{other}")
+    with pytest.raises(StreamDataError, match="no dict.txt in .*nosuch"):
+        setup_stream_task(f"{tiny_data}:{tmp_path / 'nosuch'}")
+
+
+def test_resume_under_another_stream_layout_is_refused(tiny_data):
+    """The iterator state saved in checkpoints records the streams; resuming mid-epoch
+    with another number of streams stops with a clear error (same streams: resumes)."""
+    task = setup_stream_task(tiny_data, tokens_per_sample=16)
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    itr = task.get_batch_iterator(ds, max_sentences=2, num_shards=2, shard_id=0)
+    it = itr.next_epoch_itr(shuffle=False)
+    next(it), next(it)
+    state = itr.state_dict()
+    assert state["iterations_in_epoch"] == 2 and state["stream_layout"]["streams"] == 4
+    same = task.get_batch_iterator(ds, max_sentences=1, num_shards=4, shard_id=3)
+    same.load_state_dict(state)  # 4 ranks x 1 stream = the same 4 streams
+    assert same.iterations_in_epoch == 2
+    with pytest.raises(StreamDataError, match="over 4 streams .* this run has 2 streams"):
+        task.get_batch_iterator(ds, max_sentences=2, num_shards=1).load_state_dict(state)
+    longer = setup_stream_task(tiny_data, tokens_per_sample=32)
+    longer.load_dataset("valid")
+    with pytest.raises(StreamDataError, match="--reset-dataloader"):
+        longer.get_batch_iterator(longer.dataset("valid"), max_sentences=2,
+                                  num_shards=2).load_state_dict(state)
+    # at an epoch boundary the streams start afresh: any layout may continue
+    fresh = task.get_batch_iterator(ds, max_sentences=2, num_shards=1)
+    fresh.load_state_dict(dict(state, iterations_in_epoch=0, epoch=2))
+    assert fresh.next_epoch_idx == 2

@@ -20,6 +20,7 @@ from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
+from ..data.document_index import is_mmap_split
 from ..data.stream_dataset import DocumentStream, StreamBatches, StreamDataError
 
 logger = logging.getLogger(__name__)
@@ -64,18 +65,33 @@ class LongMemLanguageModelingTask(FairseqTask):
                 "no data directory given: pass the binarized data directory as the first "
                 "argument (made by preprocess/prepare_corpus.py)"
             )
-        path = utils.split_paths(cfg.data)[0]
-        dict_path = os.path.join(path, "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise StreamDataError(
-                f"no dict.txt in {path}: is it a fairseq-preprocess output directory? "
-                "run preprocess/prepare_corpus.py first"
-            )
-        dictionary = Dictionary.load(dict_path)
+        paths = utils.split_paths(cfg.data)
+        dictionary = None
+        for path in paths:  # DATA=dir1:dir2:..: one directory per epoch, one dictionary
+            dict_path = os.path.join(path, "dict.txt")
+            if not os.path.isfile(dict_path):
+                raise StreamDataError(
+                    f"no dict.txt in {path}: is it a fairseq-preprocess output directory? "
+                    "run preprocess/prepare_corpus.py first"
+                )
+            d = Dictionary.load(dict_path)
+            if dictionary is None:
+                dictionary = d
+            elif d.symbols != dictionary.symbols:
+                raise StreamDataError(
+                    f"the dictionary of {path} differs from that of {paths[0]}: binarize "
+                    f"every data directory with the same dict.txt (fairseq-preprocess "
+                    f"--srcdict {os.path.join(paths[0], 'dict.txt')})"
+                )
         logger.info("dictionary: %d types", len(dictionary))
         return cls(cfg, dictionary)
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        """Load ``split`` from the data directory of this epoch (``DATA=dir1:dir2``: one
+        per epoch, in turn); with ``combine``, ``split1``, ``split2``.. are appended.
+
+        A fairseq memory-mapped split is read straight from disk (O(documents) in
+        memory); other index formats are copied into memory."""
         paths = utils.split_paths(self.cfg.data)
         prefix = os.path.join(paths[(epoch - 1) % len(paths)], split)
         if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:
@@ -83,20 +99,26 @@ class LongMemLanguageModelingTask(FairseqTask):
                 f"split {split!r} holds no tokens ({prefix}.bin is empty); binarize a "
                 "non-empty split (preprocess/prepare_corpus.py) or choose another subset"
             )
-        try:
-            data = data_utils.load_indexed_dataset(prefix, self.dictionary, combine=combine)
-        except Exception as e:
-            raise StreamDataError(
-                f"corrupt binarized data at {prefix}.bin/.idx ({type(e).__name__}: "
-                f"{str(e)[:100]}); re-run preprocess/prepare_corpus.py"
-            ) from None
-        if data is None:
-            raise StreamDataError(
-                f"split {split!r} not found: {prefix}.bin/.idx missing; binarize it "
-                "(preprocess/prepare_corpus.py) or pick another --valid-subset/--gen-subset"
-            )
-        stream = DocumentStream.from_indexed(data, self.dictionary.eos(), name=split)
-        if len(stream.doc_starts) == 1 and len(data) > 1 and not self.cfg.allow_single_document:
+        if is_mmap_split(prefix):
+            prefixes = [prefix]
+            while combine and is_mmap_split(f"{prefix}{len(prefixes)}"):
+                prefixes.append(f"{prefix}{len(prefixes)}")
+            stream = DocumentStream.from_mmap(prefixes, self.dictionary.eos(), name=split)
+        else:
+            try:
+                data = data_utils.load_indexed_dataset(prefix, self.dictionary, combine=combine)
+            except Exception as e:
+                raise StreamDataError(
+                    f"corrupt binarized data at {prefix}.bin/.idx ({type(e).__name__}: "
+                    f"{str(e)[:100]}); re-run preprocess/prepare_corpus.py"
+                ) from None
+            if data is None:
+                raise StreamDataError(
+                    f"split {split!r} not found: {prefix}.bin/.idx missing; binarize it "
+                    "(preprocess/prepare_corpus.py) or pick another --valid-subset/--gen-subset"
+                )
+            stream = DocumentStream.from_indexed(data, self.dictionary.eos(), name=split)
+        if len(stream.doc_starts) == 1 and stream.num_items > 1 and not self.cfg.allow_single_document:
             raise StreamDataError(
                 f"split {split!r} has no document boundaries (no empty line between "
                 "documents); re-binarize with an empty line after each document "
@@ -189,7 +211,8 @@ class LongMemLanguageModelingTask(FairseqTask):
         batches = self.stream_batches(
             dataset, self._batch_size(max_sentences, max_tokens), num_shards, shard_id
         )
-        return iterators.EpochBatchIterator(
+        return StreamEpochBatchIterator(
+            layout=stream_layout(batches, num_shards),
             dataset=batches,
             collate_fn=batches.collater,
             batch_sampler=[[i] for i in range(len(batches))],
@@ -253,6 +276,57 @@ class LongMemLanguageModelingTask(FairseqTask):
     @property
     def target_dictionary(self):
         return self.dictionary
+
+
+def stream_layout(batches: StreamBatches, num_shards: int) -> dict:
+    """What a batch index means: the streams of the split and their segment length."""
+    return {
+        "streams": batches.bsz * num_shards,
+        "ranks": num_shards,
+        "batch_size": batches.bsz,
+        "tokens_per_sample": batches.tokens_per_sample,
+        "predictions": batches.stream.num_predictions,
+    }
+
+
+class StreamEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's epoch iterator; its state (saved in checkpoints) records the stream
+    layout, and resuming mid-epoch under another layout stops with a clear error.
+
+    Batch ``t`` is the ``t``-th window of each of ``ranks x batch_size`` streams; with
+    another number of streams (or segment length) the streams cut the documents
+    elsewhere, so the saved position and memory no longer correspond to the data.
+    """
+
+    def __init__(self, layout: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.layout = layout
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["stream_layout"] = dict(self.layout)
+        return state
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict.get("stream_layout")
+        keys = ("streams", "tokens_per_sample", "predictions")
+        if (saved and state_dict.get("iterations_in_epoch", 0) > 0
+                and any(saved.get(k) != self.layout[k] for k in keys)):
+            raise StreamDataError(
+                f"the checkpoint stopped at batch {state_dict['iterations_in_epoch']} of an epoch "
+                f"over {saved['streams']} streams ({saved['ranks']} ranks x --batch-size "
+                f"{saved['batch_size']}, --tokens-per-sample {saved['tokens_per_sample']}, "
+                f"{saved['predictions']} tokens); this run has {self.layout['streams']} streams "
+                f"({self.layout['ranks']} x {self.layout['batch_size']}, "
+                f"{self.layout['tokens_per_sample']}, {self.layout['predictions']} tokens), which "
+                "cut the documents elsewhere: resume with the same ranks x --batch-size, "
+                "--tokens-per-sample and data, or pass --reset-dataloader to start the epoch "
+                "afresh with the new layout"
+            )
+        if saved and saved.get("streams") != self.layout["streams"]:
+            logger.info("stream layout changed at an epoch boundary: %s -> %s",
+                        saved, self.layout)
+        super().load_state_dict(state_dict)
 
 
 def accept_stream_inputs(model):
