@@ -275,7 +275,6 @@ class StreamBatches(torch.utils.data.Dataset):
             raise StreamDataError(f"--memory-scope must be document or stream, got {memory_scope}")
         # and every stream starts with an empty memory (its first position, in batch 0)
         self.sizes = np.full(self.num_batches, bsz * tokens_per_sample)
-        self._start_positions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.num_batches
@@ -288,10 +287,11 @@ class StreamBatches(torch.utils.data.Dataset):
         or stream) read before batch ``t``, i.e. what its memory has counted
         since its last reset when batch ``t`` begins (0 where the scope starts
         exactly there, or the stream has ended)."""
-        if self._start_positions is None:
-            self._start_positions = np.flatnonzero(self.starts)
-        a = self.bounds[:-1] + t * self.tokens_per_sample
-        last = self._start_positions[np.searchsorted(self._start_positions, a, "right") - 1]
+        first = self.bounds[:-1]  # every stream starts with an empty memory
+        a = first + t * self.tokens_per_sample
+        i = np.searchsorted(self.starts, a, "right") - 1
+        last_doc = np.where(i >= 0, self.starts[np.maximum(i, 0)] if len(self.starts) else -1, -1)
+        last = np.maximum(last_doc, first)
         return np.where(a < self.bounds[1:], a - last, 0).astype(np.int64)
 
     def segment(self, t: int) -> Dict[str, torch.Tensor]:
