@@ -4,10 +4,12 @@
 #   (iii) LongMem with memory switched off, (iv) LongMem with memory.
 #
 #   CKPT_PATH=checkpoints/longmem_gpt2_medium/checkpoint_best.pt PTM_PATH=... bash eval.sh
-#   bash eval.sh report      # the paper's tables and plots (python -m fairseq_longmem.eval.report)
+#   bash eval.sh report      # the paper's tables and plots in REPORT_DIR (longmem-report)
 #
 # Variables: DATA_DIR, SUBSET (test), TOKENS_PER_SAMPLE (1024), BATCH_SIZE (1: whole documents
-# per stream), PTM_PATH, ABLATION_PATH, CKPT_PATH, MEMTRM_PATH, GPUS, EXTRA_ARGS.
+# per stream), PTM_PATH, ABLATION_PATH, CKPT_PATH, MEMTRM_PATH, GPUS, FP16 (1: half precision
+# on GPU), EXTRA_ARGS; for `report` also REPORT_DIR (report), SPM (DATA_DIR/spm.model if it
+# exists, else text is split on whitespace) and REPORT_ARGS (e.g. --quick).
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,10 +26,15 @@ MEMTRM_PATH="${MEMTRM_PATH:-}"
 GPUS="${GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 DEVICE_ARGS=(); [ "$GPUS" -eq 0 ] && DEVICE_ARGS=(--cpu)
+[ "${FP16:-0}" = "1" ] && DEVICE_ARGS+=(--fp16)
+REPORT_DIR="${REPORT_DIR:-report}"
 cd "$ROOT"
+SPM="${SPM:-}"; [ -z "$SPM" ] && [ -f "$DATA_DIR/spm.model" ] && SPM="$DATA_DIR/spm.model"
 
 if [ "$MODE" = "report" ]; then
-  ARGS=(--data "$DATA_DIR" --split "$SUBSET" --checkpoint "backbone=$PTM_PATH")
+  ARGS=(--data "$DATA_DIR" --split "$SUBSET" --out "$REPORT_DIR" --batch-size "$BATCH_SIZE"
+        --tokens-per-sample "$TOKENS_PER_SAMPLE" "${DEVICE_ARGS[@]}" --checkpoint "backbone=$PTM_PATH")
+  [ -n "$SPM" ] && ARGS+=(--spm "$SPM")
   [ -n "$ABLATION_PATH" ] && ARGS+=(--checkpoint "no_memory=$ABLATION_PATH")
   [ -n "$MEMTRM_PATH" ] && ARGS+=(--checkpoint "memtrm=$MEMTRM_PATH")
   ARGS+=(--checkpoint "longmem=$CKPT_PATH")

@@ -611,7 +611,7 @@ def prepare_corpus(
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m preprocess.prepare_corpus``."""
     p = argparse.ArgumentParser(
-        prog="python -m preprocess.prepare_corpus",
+        prog="longmem-preprocess",
         description="Raw documents (folder or .jsonl) -> binarized fairseq dataset with document boundaries.",
     )
     p.add_argument("--input", required=True, help="folder of text files (one per document) or a .jsonl file")

@@ -8,13 +8,9 @@ import torch
 
 from conftest import REPO_ROOT, build_longmem
 from fairseq_longmem.eval import icl
-from fairseq_longmem.eval.checkpoints import (
-    FixedMemory,
-    LoadedModel,
-    TextEncoder,
-    encoder_factory,
-    load_for_eval,
-)
+from fairseq_longmem.eval.model_loading import LoadedModel, load_for_eval
+from fairseq_longmem.eval.scoring import FixedMemory
+from fairseq_longmem.eval.text_encoding import TextEncoder, encoder_factory
 
 SHARED_ICL = REPO_ROOT.parent / "shared" / "data" / "icl"
 
