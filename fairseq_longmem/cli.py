@@ -1,6 +1,7 @@
 """Console scripts: fairseq's own CLIs with the plugin registered, no ``--user-dir``.
 
-* ``longmem-train``   = ``fairseq-train`` (plugin imported)
+* ``longmem-train``   = ``fairseq-train`` (plugin imported); ``--help`` with
+  ``--arch X`` also lists X's flags, which fairseq's own help leaves out
 * ``longmem-eval-lm`` = ``fairseq-eval-lm``; with only ``--path CKPT`` it takes
   the data directory, task and segment length from the checkpoint.
 
@@ -175,7 +176,7 @@ def eval_lm_args_from_checkpoint(argv: List[str]) -> List[str]:
                 "directory (dict.txt and the splits) as first argument"
             )
         out = [data] + out
-    elif not os.path.isdir(out[0]):
+    elif not os.path.isdir(out[0].split(os.pathsep)[0]):  # DATA may list shards a:b
         raise LongMemError(
             f"data directory not found: {out[0]}; pass the binarized directory (dict.txt and "
             "the splits) as first argument"
