@@ -4,13 +4,15 @@
 #   (iii) LongMem with memory switched off, (iv) LongMem with memory.
 #
 #   CKPT_PATH=checkpoints/longmem_gpt2_medium/checkpoint_best.pt PTM_PATH=... bash eval.sh
-#   bash eval.sh report      # the paper's tables and plots (python -m fairseq_longmem.eval.report)
+#   bash eval.sh report      # the paper's tables and plots in REPORT_DIR (longmem-report)
 #
 # Variables: DATA_DIR, SUBSET (test), TOKENS_PER_SAMPLE (1024), BATCH_SIZE (1: whole documents
 # per stream), PTM_PATH, ABLATION_PATH, CKPT_PATH, MEMTRM_PATH, DEVICE (auto|cuda|cpu), GPUS,
-# EXTRA_ARGS (split like a shell line, quotes respected). Python and devices as train.sh
-# (scripts/launch.sh); evaluation runs in one process: fairseq-eval-lm does not combine the
-# perplexities of several ranks.
+# PRECISION (fp32; fp16 or bf16 on GPU; FP16=1 is PRECISION=fp16), EXTRA_ARGS (split like a
+# shell line, quotes respected); for `report` also REPORT_DIR (report), SPM (DATA_DIR/spm.model
+# if it exists, else text is split on whitespace) and REPORT_ARGS (e.g. --quick). Python and
+# devices as train.sh (scripts/launch.sh); evaluation runs in one process: fairseq-eval-lm does
+# not combine the perplexities of several ranks.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=scripts/launch.sh
@@ -31,14 +33,19 @@ if [ "${NNODES:-1}" -gt 1 ] || [ "${NPROC_PER_NODE:-1}" -gt 1 ]; then
        "several ranks); unset NNODES/NPROC_PER_NODE" >&2
   exit 2
 fi
+[ "${FP16:-0}" = "1" ] && PRECISION="${PRECISION:-fp16}"
 PRECISION="${PRECISION:-fp32}"
 NNODES=1 NPROC_PER_NODE=1 longmem_setup_devices
 [ "$GPUS" -gt 0 ] && DEVICE_ARGS+=(--distributed-world-size 1)  # fairseq would use every GPU
 longmem_extra_args
+REPORT_DIR="${REPORT_DIR:-report}"
 cd "$ROOT"
+SPM="${SPM:-}"; [ -z "$SPM" ] && [ -f "$DATA_DIR/spm.model" ] && SPM="$DATA_DIR/spm.model"
 
 if [ "$MODE" = "report" ]; then
-  ARGS=(--data "$DATA_DIR" --split "$SUBSET" --checkpoint "backbone=$PTM_PATH")
+  ARGS=(--data "$DATA_DIR" --split "$SUBSET" --out "$REPORT_DIR" --batch-size "$BATCH_SIZE"
+        --tokens-per-sample "$TOKENS_PER_SAMPLE" "${DEVICE_ARGS[@]}" --checkpoint "backbone=$PTM_PATH")
+  [ -n "$SPM" ] && ARGS+=(--spm "$SPM")
   [ -n "$ABLATION_PATH" ] && ARGS+=(--checkpoint "no_memory=$ABLATION_PATH")
   [ -n "$MEMTRM_PATH" ] && ARGS+=(--checkpoint "memtrm=$MEMTRM_PATH")
   ARGS+=(--checkpoint "longmem=$CKPT_PATH")

@@ -1,6 +1,7 @@
 """Console scripts: fairseq's own CLIs with the plugin registered, no ``--user-dir``.
 
-* ``longmem-train``   = ``fairseq-train`` (plugin imported)
+* ``longmem-train``   = ``fairseq-train`` (plugin imported); ``--help`` with
+  ``--arch X`` also lists X's flags, which fairseq's own help leaves out
 * ``longmem-eval-lm`` = ``fairseq-eval-lm``; with only ``--path CKPT`` it takes
   the data directory, task and segment length from the checkpoint.
 
@@ -16,15 +17,8 @@ from typing import List, Optional
 import fairseq_longmem  # noqa: F401  (registers task, models, criterion)
 
 from .errors import LongMemError
-from .modules.memory_bank import MemoryConfigError
 
-USER_ERRORS = (LongMemError, MemoryConfigError)
-try:  # the preprocess package is installed with the plugin
-    from .preprocess.documents import PreprocessError
-
-    USER_ERRORS += (PreprocessError,)
-except ImportError:  # running from a source tree without installation
-    pass
+USER_ERRORS = (LongMemError,)  # every bad-input error of the package derives from it
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +69,52 @@ def _train_main() -> None:
     from fairseq_cli.train import main as train_main
 
     parser = options.get_training_parser()
+    if wants_arch_help(sys.argv[1:]):
+        print_help_with_arch(parser, sys.argv[1:])
+        return
     args = options.parse_args_and_arch(parser)
     if getattr(args, "bf16", False) and "--tpu" not in sys.argv:
         args.tpu = False
     check_save_dir(args.save_dir, getattr(args, "no_save", False))
     cfg = convert_namespace_to_omegaconf(args)
     distributed_utils.call_main(cfg, train_main)
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def wants_arch_help(argv: List[str]) -> bool:
+    """``--help`` together with ``--arch X`` (or ``-a X``)."""
+    return any(a in HELP_FLAGS for a in argv) and bool(_option(argv, "--arch") or _option(argv, "-a"))
+
+
+def print_help_with_arch(parser, argv: List[str]) -> None:
+    """Print the help of ``parser`` with the flags of the ``--arch`` (and ``--task``,
+    ``--criterion``, ``--optimizer``...) that ``argv`` names.
+
+    fairseq adds those flags only after a first, partial parse, and argparse
+    answers ``--help`` in that first parse. So parse without ``--help`` (fairseq
+    adds every flag), let the final parse stop at a missing required argument
+    (DATA), and print the completed parser's help.
+    """
+    from fairseq import options
+
+    class _Incomplete(Exception):
+        pass
+
+    def stop(message: str):
+        raise _Incomplete(message)
+
+    report = parser.error
+    parser.error = stop
+    try:
+        options.parse_args_and_arch(parser, [a for a in argv if a not in HELP_FLAGS])
+    except _Incomplete as e:
+        if "the following arguments are required" not in str(e):
+            report(str(e))  # a real mistake (e.g. an unknown --arch): usage + error, exit 2
+    finally:
+        parser.error = report
+    parser.print_help()
 
 
 def check_save_dir(save_dir: str, no_save: bool = False) -> None:
@@ -118,20 +152,28 @@ def _option(argv: List[str], name: str) -> Optional[str]:
 def eval_lm_args_from_checkpoint(argv: List[str]) -> List[str]:
     """Fill DATA, --task and --tokens-per-sample from the checkpoint when absent."""
     path = _option(argv, "--path")
-    if path is None:
+    if path is None or any(a in HELP_FLAGS for a in argv):
         return argv
-    if not os.path.isfile(path.split(os.pathsep)[0]):
-        raise LongMemError(f"checkpoint not found: {path}; check --path")
-    from fairseq import checkpoint_utils
+    from .eval.model_loading import read_checkpoint
 
-    state = checkpoint_utils.load_checkpoint_to_cpu(path.split(os.pathsep)[0])
+    state = read_checkpoint(path.split(os.pathsep)[0], "--path")
     task = state["cfg"]["task"]
     out = list(argv)
     if not out or out[0].startswith("-"):
         data = task.get("data")
         if not data:
             raise LongMemError(f"{path} records no data directory: pass it as first argument")
+        if not os.path.isdir(data):
+            raise LongMemError(
+                f"data directory {data} (recorded in {path}) not found; pass the binarized "
+                "directory (dict.txt and the splits) as first argument"
+            )
         out = [data] + out
+    elif not os.path.isdir(out[0].split(os.pathsep)[0]):  # DATA may list shards a:b
+        raise LongMemError(
+            f"data directory not found: {out[0]}; pass the binarized directory (dict.txt and "
+            "the splits) as first argument"
+        )
     if "--task" not in out:
         out += ["--task", task["_name"]]
     for key in ("tokens_per_sample", "memory_scope"):

@@ -5,6 +5,9 @@ binarized fairseq dataset that keeps document boundaries: every document is a
 run of non-empty lines and documents are separated by one empty line, which
 fairseq binarizes as a length-1 item (just ``</s>``).
 
+Installed as ``fairseq_longmem.preprocess`` (the only way to import it; run its
+CLI as ``longmem-preprocess`` or ``python -m fairseq_longmem.preprocess.prepare_corpus``).
+
 Modules:
 
 * :mod:`preprocess.documents` -- reading documents (:func:`iter_documents`).

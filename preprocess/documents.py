@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, MutableMapping, Optional, Union
 
+from ..errors import LongMemError
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -24,7 +26,7 @@ SKIP_INVALID_UNICODE = "invalid_unicode"  # "text" holds lone surrogates (not en
 SKIP_BLANK_LINE = "blank_line"  # blank line in a jsonl file
 
 
-class PreprocessError(ValueError):
+class PreprocessError(LongMemError):
     """A user-facing preprocessing error; the message is one line naming the problem and the fix."""
 
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m preprocess.prepare_corpus --input PATH --out DIR [--vocab-size 4000]
+    longmem-preprocess --input PATH --out DIR [--vocab-size 4000]
         [--model-type unigram] [--valid-frac 0.05] [--test-frac 0.05] [--min-split-docs 1]
         [--seed 1] [--workers 1] [--spm-input-sentence-size 2000000] [--max-line-chars 10000]
 
@@ -611,7 +611,7 @@ def prepare_corpus(
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m preprocess.prepare_corpus``."""
     p = argparse.ArgumentParser(
-        prog="python -m preprocess.prepare_corpus",
+        prog="longmem-preprocess",
         description="Raw documents (folder or .jsonl) -> binarized fairseq dataset with document boundaries.",
     )
     p.add_argument("--input", required=True, help="folder of text files (one per document) or a .jsonl file")

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import PLUGIN_DIR, run_fairseq
 from fairseq_longmem.eval import bucketed_ppl as bp
-from fairseq_longmem.eval.checkpoints import EvalError, load_for_eval, parse_checkpoints
+from fairseq_longmem.eval import EvalError
+from fairseq_longmem.eval.model_loading import load_for_eval, parse_checkpoints
 from fairseq_longmem.eval.token_losses import TokenLosses, stream_token_losses
 
 

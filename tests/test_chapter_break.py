@@ -7,8 +7,9 @@ import torch
 
 from conftest import build_longmem
 from fairseq_longmem.eval import chapter_break as cb
-from fairseq_longmem.eval import checkpoints
-from fairseq_longmem.eval.checkpoints import LoadedModel, TextEncoder, encoder_factory, load_for_eval
+from fairseq_longmem.eval import scoring
+from fairseq_longmem.eval.model_loading import LoadedModel, load_for_eval
+from fairseq_longmem.eval.text_encoding import TextEncoder, encoder_factory
 from test_memtrm import build_memtrm
 
 ROMAN = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII"]
@@ -146,7 +147,7 @@ def test_memory_model_scores_do_not_depend_on_candidate_order(kind, tiny_backbon
     assert scores(inst) != a
     model.decoder.cfg.use_external_memory = True
     # and without the restore, candidates would leak into each other
-    monkeypatch.setattr(checkpoints, "restore_memory", lambda m, s: None)
+    monkeypatch.setattr(scoring, "restore_memory", lambda m, s: None)
     leaky_a, leaky_b = scores(inst), scores(permuted(inst, order))
     assert leaky_a != leaky_b
 
@@ -183,7 +184,7 @@ def test_evaluate_and_command_line(tiny_backbone, tiny_data, split_instances, tm
 def test_scores_are_the_stream_evaluations_log_probs(kind, tiny_backbone, tiny_data):
     """When the final segment lines up with a stream window, a candidate's score is
     exactly what stream evaluation (fairseq-eval-lm's order) gives its tokens."""
-    from fairseq_longmem.eval.checkpoints import score_continuations
+    from fairseq_longmem.eval.scoring import score_continuations
     from fairseq_longmem.eval.token_losses import document_stream, stream_token_losses
 
     if kind == "backbone":

@@ -1,19 +1,32 @@
 """The bad-input matrix of docs/errors.md: every case is one clear `error:` line, exit 2.
 
-Each case runs the real console-script entry points (longmem-train,
-longmem-eval-lm, longmem-preprocess) in-process and checks the exit status,
-that the last line of stderr is `error: <message>` naming the problem, and
-that no traceback was printed.
+Each case runs the entry point of a console script or evaluator CLI
+(longmem-train, longmem-eval-lm, longmem-preprocess, longmem-report and the
+``main`` of every evaluator in fairseq_longmem/eval) in-process and checks the
+exit status, that the last line of stderr is `error: <message>` naming the
+problem, and that no traceback was printed; a few cases run the installed
+console scripts as real subprocesses.
 """
 
 import os
+import random
 import shutil
+import subprocess
 
 import pytest
 import torch
 
 from fairseq_longmem import cli
+from fairseq_longmem.eval import bucketed_ppl, chapter_break, icl, report
 from fairseq_longmem.preprocess import prepare_corpus
+from test_cli import console_script
+from test_icl import make_icl_root
+
+TOOLS = {
+    "train": cli.train, "eval_lm": cli.eval_lm, "preprocess": prepare_corpus.main,
+    "report": report.main, "bucketed_ppl": bucketed_ppl.main, "icl": icl.main,
+    "chapter_break": chapter_break.main,
+}
 
 
 def base_args(data, backbone, save, **over):
@@ -43,6 +56,12 @@ def files(tiny_data, tiny_backbone, tmp_path_factory):
     torch.save(state, f["foreign"])
     f["plain"] = root / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, f["plain"])
+    f["random"] = root / "random.pt"
+    f["random"].write_bytes(random.Random(0).randbytes(4096))
+    f["empty_file"] = root / "empty.txt"
+    f["empty_file"].write_text("")
+    f["empty_json"] = root / "empty.json"
+    f["empty_json"].write_text("{}")
     # data dirs: other dictionary, no valid split, empty split, corrupt .bin, no boundaries
     def copy_data(name):
         d = root / name
@@ -73,6 +92,12 @@ def files(tiny_data, tiny_backbone, tmp_path_factory):
     f["blocker"].write_text("not a directory")
     f["empty_dir"] = root / "empty_dir"
     f["empty_dir"].mkdir()
+    f["icl_empty"] = root / "icl_empty" / "SST-2"
+    f["icl_empty"].mkdir(parents=True)
+    (f["icl_empty"] / "train.tsv").write_text("sentence\tlabel\n")
+    (f["icl_empty"] / "dev.tsv").write_text("sentence\tlabel\n")
+    f["icl_empty"] = f["icl_empty"].parent
+    f["icl"] = make_icl_root(root / "icl")
     # a memory saved by a model with --memory-size 64 (the cases below use 128)
     from conftest import build_longmem
 
@@ -156,6 +181,68 @@ CASES = [
      lambda d, b, s, f: ["--input", "/no/such/corpus", "--out", str(s)], "does not exist"),
     ("preprocess-no-documents", "preprocess",
      lambda d, b, s, f: ["--input", str(f["empty_dir"]), "--out", str(s)], "no usable documents"),
+    ("train-missing-data", "train", lambda d, b, s, f: base_args("/no/such/data", b, s),
+     "no dict.txt"),
+    # longmem-eval-lm: missing file, corrupt or foreign checkpoint, missing data, empty split
+    ("eval-random-bytes", "eval_lm", lambda d, b, s, f: ["--path", str(f["random"])],
+     "the file is corrupt or not a checkpoint; check --path"),
+    ("eval-truncated-checkpoint", "eval_lm", lambda d, b, s, f: ["--path", str(f["corrupt"])],
+     "the file is corrupt or not a checkpoint; check --path"),
+    ("eval-not-fairseq", "eval_lm", lambda d, b, s, f: ["--path", str(f["plain"])],
+     "not a fairseq model checkpoint"),
+    ("eval-missing-data", "eval_lm", lambda d, b, s, f: ["/no/such/data", "--path", str(b)],
+     "data directory not found: /no/such/data"),
+    ("eval-empty-split", "eval_lm",
+     lambda d, b, s, f: [str(f["empty_split"]), "--path", str(b), "--task",
+                         "longmem_language_modeling", "--gen-subset", "valid", "--cpu",
+                         "--tokens-per-sample", "32"], "holds no tokens"),
+    # longmem-report and the evaluators (one loader: eval/model_loading.py)
+    ("report-missing-checkpoint", "report",
+     lambda d, b, s, f: ["--data", str(d), "--checkpoint", "x=/no/such/ckpt.pt", "--out", str(s)],
+     "checkpoint not found: /no/such/ckpt.pt; check the NAME=PATH of --checkpoint"),
+    ("report-random-bytes", "report",
+     lambda d, b, s, f: ["--data", str(d), "--checkpoint", f"x={f['random']}", "--out", str(s)],
+     "the file is corrupt or not a checkpoint"),
+    ("report-not-fairseq", "report",
+     lambda d, b, s, f: ["--data", str(d), "--checkpoint", f"x={f['plain']}", "--out", str(s)],
+     "not a fairseq model checkpoint"),
+    ("report-missing-data", "report",
+     lambda d, b, s, f: ["--data", "/no/such/data", "--checkpoint", f"x={b}", "--out", str(s)],
+     "data directory not found: /no/such/data"),
+    ("report-empty-split", "report",
+     lambda d, b, s, f: ["--data", str(f["empty_split"]), "--split", "valid", "--cpu",
+                         "--tokens-per-sample", "32", "--checkpoint", f"x={b}", "--out", str(s)],
+     "holds no tokens"),
+    ("report-no-checkpoint", "report", lambda d, b, s, f: ["--data", str(d), "--out", str(s)],
+     "no --checkpoint NAME=PATH given"),
+    ("bucketed-truncated-checkpoint", "bucketed_ppl",
+     lambda d, b, s, f: ["--data", str(d), "--checkpoint", f"x={f['corrupt']}", "--json", ""],
+     "the file is corrupt or not a checkpoint"),
+    ("icl-missing-data-root", "icl",
+     lambda d, b, s, f: ["--data", str(d), "--checkpoint", f"x={b}", "--cpu",
+                         "--tokens-per-sample", "32", "--data-root", "/no/such/icl"],
+     "--data-root /no/such/icl: not a directory"),
+    ("icl-no-examples", "icl",
+     lambda d, b, s, f: ["--data", str(d), "--checkpoint", f"x={b}", "--cpu", "--tasks", "sst2",
+                         "--tokens-per-sample", "32", "--data-root", str(f["icl_empty"])],
+     "no examples"),
+    ("icl-missing-spm", "icl",
+     lambda d, b, s, f: ["--data", str(d), "--checkpoint", f"x={b}", "--cpu", "--tasks", "sst2",
+                         "--tokens-per-sample", "32", "--data-root", str(f["icl"]),
+                         "--spm", "/no/such/spm.model"],
+     "sentencepiece model not found"),
+    ("chapter-break-missing-input", "chapter_break",
+     lambda d, b, s, f: ["build", "--input", "/no/such/book.txt", "--out", str(s / "cb.json")],
+     "--input /no/such/book.txt: no such file or directory"),
+    ("chapter-break-empty-input", "chapter_break",
+     lambda d, b, s, f: ["build", "--input", str(f["empty_file"]), "--out", str(s / "cb.json")],
+     "no documents"),
+    ("chapter-break-missing-instances", "chapter_break",
+     lambda d, b, s, f: ["score", "--data", str(d), "--checkpoint", f"x={b}",
+                         "--input", "/no/such/cb.json"], "chapter-break file not found"),
+    ("chapter-break-no-instances", "chapter_break",
+     lambda d, b, s, f: ["score", "--data", str(d), "--checkpoint", f"x={b}",
+                         "--input", str(f["empty_json"])], "no instances"),
 ]
 
 
@@ -163,10 +250,7 @@ CASES = [
 def test_bad_input_gives_one_clear_line(case, tiny_data, tiny_backbone, files, tmp_path, capsys):
     _, tool, make_argv, phrase = case
     argv = make_argv(tiny_data, tiny_backbone, tmp_path / "save", files)
-    if tool == "preprocess":
-        code = prepare_corpus.main(argv)
-    else:
-        code = getattr(cli, tool)(argv)
+    code = TOOLS[tool](argv)
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
     last = [line for line in err.strip().splitlines() if line.strip()][-1]
@@ -175,3 +259,30 @@ def test_bad_input_gives_one_clear_line(case, tiny_data, tiny_backbone, files, t
     if os.environ.get("LONGMEM_ERRORS_LOG"):  # used to regenerate docs/errors.md
         with open(os.environ["LONGMEM_ERRORS_LOG"], "a") as log:
             log.write(f"{case[0]}\t{tool}\t{last}\n")
+
+
+SCRIPT_CASES = [
+    # (script, argv builder, phrase): the issue's examples, as a user types them
+    ("longmem-eval-lm", lambda d, b, f: ["--path", str(f["random"])],
+     "the file is corrupt or not a checkpoint; check --path"),
+    ("longmem-report", lambda d, b, f: ["--data", str(d), "--checkpoint", f"x={f['plain']}",
+                                        "--out", str(f["empty_dir"].parent / "report")],
+     "not a fairseq model checkpoint"),
+    ("longmem-train", lambda d, b, f: base_args(d, f["random"], f["empty_dir"].parent / "ckpt"),
+     "corrupt or not a fairseq checkpoint"),
+    ("longmem-preprocess", lambda d, b, f: ["--input", str(f["empty_dir"]), "--out",
+                                            str(f["empty_dir"].parent / "out")],
+     "no usable documents"),
+]
+
+
+@pytest.mark.parametrize("case", SCRIPT_CASES, ids=[c[0] for c in SCRIPT_CASES])
+def test_console_scripts_give_one_clear_line(case, tiny_data, tiny_backbone, files):
+    script, make_argv, phrase = case
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([console_script(script)] + make_argv(tiny_data, tiny_backbone, files),
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and phrase in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr

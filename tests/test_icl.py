@@ -8,13 +8,9 @@ import torch
 
 from conftest import REPO_ROOT, build_longmem
 from fairseq_longmem.eval import icl
-from fairseq_longmem.eval.checkpoints import (
-    FixedMemory,
-    LoadedModel,
-    TextEncoder,
-    encoder_factory,
-    load_for_eval,
-)
+from fairseq_longmem.eval.model_loading import LoadedModel, load_for_eval
+from fairseq_longmem.eval.scoring import FixedMemory
+from fairseq_longmem.eval.text_encoding import TextEncoder, encoder_factory
 
 SHARED_ICL = REPO_ROOT.parent / "shared" / "data" / "icl"
 
@@ -118,7 +114,7 @@ def test_sentencepiece_text_to_ids(tmp_path):
     import sentencepiece as spm
     from fairseq.data import Dictionary
 
-    from preprocess.prepare_corpus import PieceEncoder, write_fairseq_dict
+    from fairseq_longmem.preprocess.prepare_corpus import PieceEncoder, write_fairseq_dict
 
     text = "\n".join(icl.format_demo(icl.TASKS["sst2"], t, i % 2) for i, t in enumerate(TEXTS * 3))
     (tmp_path / "corpus.txt").write_text(text + "\n")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import PLUGIN_DIR, build_longmem, build_memory_model, run_fairseq
-from fairseq_longmem.eval.checkpoints import load_for_eval
+from fairseq_longmem.eval.model_loading import load_for_eval
 from fairseq_longmem.models.backbone import BackboneError
 from fairseq_longmem.models.memtrm import MemTRMConfig, MemTRMModel
 from fairseq_longmem.modules.decoder_layer import decoder_forward

@@ -16,8 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # allow plain `pytest` as well as `python -m pytest`
     sys.path.insert(0, str(REPO_ROOT))
 
-from preprocess.documents import Document, PreprocessError, iter_documents  # noqa: E402
-from preprocess.prepare_corpus import (  # noqa: E402
+from fairseq_longmem.preprocess.documents import Document, PreprocessError, iter_documents  # noqa: E402
+from fairseq_longmem.preprocess.prepare_corpus import (  # noqa: E402
     SPLITS,
     PieceEncoder,
     document_lines,
@@ -25,7 +25,7 @@ from preprocess.prepare_corpus import (  # noqa: E402
     prepare_corpus,
     split_documents,
 )
-from preprocess.stdlib_corpus import EXCLUDED_DIRS, build_stdlib_corpus, stdlib_source_files  # noqa: E402
+from fairseq_longmem.preprocess.stdlib_corpus import EXCLUDED_DIRS, build_stdlib_corpus, stdlib_source_files  # noqa: E402
 
 VOCAB = 400
 
@@ -126,7 +126,7 @@ def _docs_by_name(path: Path) -> dict[str, Document]:
 
 def test_folder_documents_sorted_and_skips_counted(folder_corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
     skipped: dict[str, int] = {}
-    with caplog.at_level(logging.WARNING, logger="preprocess.documents"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_longmem.preprocess.documents"):
         docs = list(iter_documents(folder_corpus, skipped))
     names = [d.name for d in docs]
     assert names == sorted(names)
@@ -352,7 +352,7 @@ def test_error_messages_are_one_line(tmp_path: Path) -> None:
 
 def test_cli_missing_path_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "preprocess.prepare_corpus", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "fairseq_longmem.preprocess.prepare_corpus", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

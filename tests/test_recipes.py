@@ -1,5 +1,6 @@
-"""train.sh and eval.sh run end to end (tiny sizes, CPU)."""
+"""train.sh, eval.sh and `eval.sh report` run end to end (tiny sizes, CPU)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,17 @@ def test_train_and_eval_recipes(tiny_data, tmp_path):
     ppls = [float(r.split("|")[2]) for r in rows]
     assert all(p > 1 for p in ppls)
     assert ppls[2] != ppls[3]  # memory off vs on differ
+    # `eval.sh report`: every checkpoint through longmem-report, on CPU, into REPORT_DIR
+    env.update(REPORT_DIR=str(tmp_path / "report"),
+               REPORT_ARGS="--quick --max-documents 2 --cb-max-instances 2 --buckets 1000,1500")
+    proc = subprocess.run(["bash", str(REPO_ROOT / "eval.sh"), "report"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [c["name"] for c in report["checkpoints"]] == ["backbone", "no_memory", "longmem"]
+    assert {c["tokens_per_sample"] for c in report["checkpoints"]} == {32}
+    assert report["split"] == "valid" and report["perplexity"]["documents"] == 2
+    assert "| <1K |" in (tmp_path / "report" / "report.md").read_text()
     # a missing backbone is one clear line
     env["PTM_PATH"] = str(tmp_path / "missing.pt")
     proc = subprocess.run(["bash", str(REPO_ROOT / "train.sh"), "adapt"], env=env,

@@ -75,19 +75,19 @@ def read_header(prefix: str):
         head = f.read(_HEADER)
     if len(head) < _HEADER or head[:9] != _MAGIC:
         raise StreamDataError(f"corrupt binarized data at {idx}: not a fairseq mmap index; "
-                                "re-run preprocess/prepare_corpus.py")
+                                "re-run longmem-preprocess")
     (version,) = struct.unpack("<Q", head[9:17])
     code = head[17]
     (n,) = struct.unpack("<Q", head[18:26])
     if version != 1 or code not in _CODE_TO_DTYPE:
         raise StreamDataError(f"corrupt binarized data at {idx}: unknown version/dtype "
-                                f"({version}, {code}); re-run preprocess/prepare_corpus.py")
+                                f"({version}, {code}); re-run longmem-preprocess")
     if os.path.getsize(idx) < _HEADER + 12 * n:
         raise StreamDataError(f"corrupt binarized data at {idx}: truncated index "
-                                f"({n} items announced); re-run preprocess/prepare_corpus.py")
+                                f"({n} items announced); re-run longmem-preprocess")
     if not os.path.isfile(binf):
         raise StreamDataError(f"corrupt binarized data: {binf} is missing; re-run "
-                                "preprocess/prepare_corpus.py")
+                                "longmem-preprocess")
     return _CODE_TO_DTYPE[code], n
 
 
@@ -180,7 +180,7 @@ def _scan(prefix: str, eos: int, dtype, n: int) -> SplitScan:
     if bad is not None:
         raise StreamDataError(
             f"corrupt binarized data in {prefix}: the length-1 item at .bin token {bad} is not "
-            "an empty line (</s>); re-binarize with preprocess/prepare_corpus.py"
+            "an empty line (</s>); re-binarize with longmem-preprocess"
         )
     return SplitScan(
         np.concatenate(run_kept) if run_kept else np.zeros(0, np.int64),

@@ -80,7 +80,7 @@ class DocumentStream(torch.utils.data.Dataset):
         if base == 0:
             raise StreamDataError(
                 f"split {name} holds no tokens; binarize a non-empty split "
-                "(preprocess/prepare_corpus.py) or choose another --valid-subset/--gen-subset"
+                "(longmem-preprocess) or choose another --valid-subset/--gen-subset"
             )
         tokens = MappedTokens(
             [p + ".bin" for p in prefixes], dtypes, eos, np.concatenate(pieces_kept),
@@ -101,7 +101,7 @@ class DocumentStream(torch.utils.data.Dataset):
             if not np.all(flat[sep_tok] == eos):
                 raise StreamDataError(
                     f"corrupt binarized data in {name}: a length-1 item is not an empty line "
-                    "(</s>); re-binarize with preprocess/prepare_corpus.py"
+                    "(</s>); re-binarize with longmem-preprocess"
                 )
             keep = ~sep_tok
             # documents = runs of non-separator items; drop empty runs (double separators)
@@ -119,7 +119,7 @@ class DocumentStream(torch.utils.data.Dataset):
         if len(flat) == 0:
             raise StreamDataError(
                 f"split {name} holds no tokens; binarize a non-empty split "
-                "(preprocess/prepare_corpus.py) or choose another --valid-subset/--gen-subset"
+                "(longmem-preprocess) or choose another --valid-subset/--gen-subset"
             )
         tokens = np.concatenate([[eos], flat]).astype(np.int64)
         # input position predicting a document's first token = its index in S minus 1

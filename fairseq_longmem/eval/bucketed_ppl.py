@@ -31,9 +31,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import LongMemError
-from ..modules.memory_bank import MemoryConfigError
-from .checkpoints import EvalError, LoadedModel, emit, load_for_eval, parse_checkpoints
+from . import EvalError
+from .cli_common import add_common_args, emit, load_all, run_command
+from .model_loading import LoadedModel
 from .token_losses import TokenLosses, stream_token_losses
 
 logger = logging.getLogger(__name__)
@@ -276,34 +276,6 @@ def plot_buckets(result: Dict, path: str) -> str:
 
 
 # ------------------------------------------------------------------------ CLI
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Flags every evaluation command shares (checkpoints, data, device)."""
-    p.add_argument("--data", required=True, help="binarized data directory (dict.txt, splits)")
-    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                   help="a checkpoint to evaluate (repeat); any of backbone, longmem, memtrm")
-    p.add_argument("--override", action="append", default=[], metavar="NAME.key=value",
-                   help="model config override for one checkpoint (NAME) or all (*), e.g. "
-                   "longmem.use_external_memory=false")
-    p.add_argument("--tokens-per-sample", type=int, default=None,
-                   help="segment length of every model (default: each checkpoint's own)")
-    p.add_argument("--memory-scope", choices=["document", "stream"], default="document")
-    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
-    p.add_argument("--fp16", action="store_true", help="evaluate in half precision (GPU)")
-
-
-def load_all(args) -> List[LoadedModel]:
-    specs = parse_checkpoints(args.checkpoint, args.override)
-    if not specs:
-        raise EvalError("no --checkpoint NAME=PATH given")
-    device = "cpu" if args.cpu else None
-    return [
-        load_for_eval(s.path, data=args.data, tokens_per_sample=args.tokens_per_sample,
-                      overrides=s.overrides, device=device, memory_scope=args.memory_scope,
-                      name=s.name, fp16=args.fp16)
-        for s in specs
-    ]
-
-
 def parse_edges(text: str) -> List[int]:
     try:
         return check_edges([int(float(x)) for x in text.split(",") if x.strip()])
@@ -325,15 +297,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="evaluate only the first N documents of the split (quick runs)")
     p.add_argument("--json", default="bucketed_ppl.json",
                    help="write the full result here (default bucketed_ppl.json; '' to skip)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+
+    def body(args) -> int:
         edges = parse_edges(args.buckets)
         result = evaluate(load_all(args), args.split, edges, args.batch_size, args.max_documents)
-    except (LongMemError, MemoryConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(result, args.json, markdown_table(result), position_table(result))
+        return emit(result, args.json, markdown_table(result), position_table(result))
+
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":

@@ -54,17 +54,11 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import LongMemError
-from ..modules.memory_bank import MemoryConfigError
-from .checkpoints import (
-    EvalError,
-    LoadedModel,
-    TextEncoder,
-    emit,
-    encoder_factory,
-    score_continuations,
-    write_json,
-)
+from . import EvalError
+from .cli_common import add_common_args, emit, load_all, run_command, write_json
+from .model_loading import LoadedModel
+from .scoring import score_continuations
+from .text_encoding import TextEncoder, encoder_factory
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +158,7 @@ def to_layout(instances: Iterable[Instance]) -> Dict[str, Dict[str, List[dict]]]
 def read_documents(paths: Sequence[str], mode: str = "file") -> List[Tuple[str, str]]:
     """``(id, text)`` documents: ``file``: each file (or each file in a directory)
     is one document; ``blank-line``: documents are separated by empty lines (the
-    ``raw/*.txt`` layout of ``preprocess/prepare_corpus.py``)."""
+    ``raw/*.txt`` layout of ``longmem-preprocess``)."""
     files: List[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -413,8 +407,6 @@ def _heading(args) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .bucketed_ppl import add_common_args, load_all
-
     p = argparse.ArgumentParser(prog="python -m fairseq_longmem.eval.chapter_break",
                                 description="ChapterBreak: build instances, score checkpoints.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -437,8 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--out", required=True)
 
     s = sub.add_parser("score", help="accuracy of checkpoints on a ChapterBreak JSON")
-    add_common_args(s)
-    s.add_argument("--spm", default=None, help="sentencepiece model of the data (spm.model)")
+    add_common_args(s, text=True)
     s.add_argument("--input", required=True, help="ChapterBreak JSON (released or built)")
     s.add_argument("--subset", default=None, help="e.g. pg19 or ao3 (default: all)")
     s.add_argument("--max-instances", type=int, default=None)
@@ -447,30 +438,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--max-candidate-tokens", type=int, default=None,
                    help="score at most N tokens per candidate (default tokens_per_sample // 2)")
     s.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+
+    def body(args) -> int:
         if args.cmd == "build":
             docs = read_documents(args.input, args.documents)
+            if not any(text.strip() for _, text in docs):
+                raise EvalError(f"--input {' '.join(args.input)}: no documents (only empty files); "
+                                "give files or directories with text")
             inst, rx, _ = build_auto(
                 docs, _heading(args), num_negatives=args.num_negatives,
                 suffix_chars=args.suffix_chars, max_prefix_chars=args.max_prefix_chars,
                 min_prefix_chars=args.min_prefix_chars, negatives=args.negatives,
                 max_per_document=args.max_per_document, subset=args.subset, seed=args.seed,
             )
+            if not inst:
+                raise EvalError(f"no instance built from {len(docs)} documents with section "
+                                f"headings {rx!r} (an instance needs a section boundary and "
+                                f"{args.num_negatives} other sections of the same document); "
+                                "choose --preset or --heading-regex (and --documents)")
             write_json(to_layout(inst), args.out)
             print(f"wrote {len(inst)} instances from {len(docs)} documents to {args.out}")
             return 0
         instances = load_instances(args.input, args.subset, args.max_instances)
-        loaded = load_all(args)
-        encoder_for = encoder_factory(args.spm)
+        result = evaluate(load_all(args), instances, encoder_factory(args.spm),
+                          args.max_candidate_tokens, args.max_prefix_tokens)
+        return emit(result, args.json, markdown_table(result))
 
-        result = evaluate(loaded, instances, encoder_for, args.max_candidate_tokens,
-                          args.max_prefix_tokens)
-    except (LongMemError, MemoryConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(result, args.json, markdown_table(result))
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":

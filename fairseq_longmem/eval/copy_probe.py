@@ -31,6 +31,7 @@ from ..modules.decoder_layer import (
     layer_forward,
     project_qkv,
 )
+from . import EvalError
 
 
 @dataclass
@@ -51,7 +52,7 @@ def repeated_spans(stream, span: int, stride: int = 400, max_spans: int = 64) ->
     """``[x, x]`` for spans ``x`` of ``span`` tokens taken every ``stride`` tokens of
     each document of ``stream`` (in order, at most ``max_spans``): ``(n, 2 * span)``."""
     if span < 2:
-        raise ValueError(f"span must be at least 2 tokens, got {span}")
+        raise EvalError(f"span must be at least 2 tokens, got {span}")
     rows = []
     for s, n in zip(stream.doc_starts, stream.doc_lengths):
         for off in range(0, int(n) - span + 1, stride):
@@ -60,7 +61,7 @@ def repeated_spans(stream, span: int, stride: int = 400, max_spans: int = 64) ->
             if len(rows) == max_spans:
                 return torch.as_tensor(np.stack(rows))
     if not rows:
-        raise ValueError(f"no document of {span}+ tokens for the copy probe; use a shorter span")
+        raise EvalError(f"no document of {span}+ tokens for the copy probe; use a shorter span")
     return torch.as_tensor(np.stack(rows))
 
 

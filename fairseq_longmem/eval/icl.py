@@ -47,18 +47,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import LongMemError
-from ..modules.memory_bank import MemoryConfigError
-from .checkpoints import (
-    EvalError,
-    FixedMemory,
-    LoadedModel,
-    TextEncoder,
-    emit,
-    encoder_factory,
-    file_digest,
-    run_history,
-)
+from . import EvalError
+from .cli_common import add_common_args, emit, load_all, run_command
+from .model_loading import LoadedModel, file_digest
+from .scoring import FixedMemory, run_history
+from .text_encoding import TextEncoder, encoder_factory
 
 logger = logging.getLogger(__name__)
 
@@ -428,12 +421,9 @@ def parse_ints(text: str, flag: str) -> List[int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .bucketed_ppl import add_common_args, load_all
-
     p = argparse.ArgumentParser(prog="python -m fairseq_longmem.eval.icl",
                                 description="Memory-augmented in-context learning accuracy.")
-    add_common_args(p)
-    p.add_argument("--spm", default=None, help="sentencepiece model of the data (spm.model)")
+    add_common_args(p, text=True)
     p.add_argument("--data-root", required=True, help="ICL data folder (SST-2, sst-5, mr, subj, mpqa)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ",".join(TASKS))
     p.add_argument("--shots", type=int, default=20, help="k: demonstrations in the local context")
@@ -443,20 +433,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-test", type=int, default=None, help="subsample the test set")
     p.add_argument("--memory-dir", default=None, help="save/reload the demonstration memories here")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        ns = parse_ints(args.memory_demos, "--memory-demos")
-        loaded = load_all(args)
-        encoder_for = encoder_factory(args.spm)
 
-        result = evaluate(loaded, encoder_for, args.data_root,
+    def body(args) -> int:
+        ns = parse_ints(args.memory_demos, "--memory-demos")
+        result = evaluate(load_all(args), encoder_factory(args.spm), args.data_root,
                           [t for t in args.tasks.split(",") if t.strip()], args.shots, ns,
                           list(range(1, args.seeds + 1)), args.max_test, args.memory_dir)
-    except (LongMemError, MemoryConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return emit(result, args.json, markdown_table(result))
+        return emit(result, args.json, markdown_table(result))
+
+    return run_command(p, argv, body)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m fairseq_longmem.eval.report --data DIR [--spm DIR/spm.model] \\
+    longmem-report --data DIR [--spm DIR/spm.model] \\
         --checkpoint backbone=PATH --checkpoint nomem=PATH --checkpoint memtrm=PATH \\
         --checkpoint longmem=PATH --out DIR [--icl-root PATH] [--quick]
 
@@ -33,10 +33,9 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from ..errors import LongMemError
-from ..modules.memory_bank import MemoryConfigError
 from . import bucketed_ppl, chapter_break, icl
-from .checkpoints import encoder_factory, write_json
+from .cli_common import add_common_args, load_all, run_command, write_json
+from .text_encoding import encoder_factory
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +63,9 @@ FULL = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fairseq_longmem.eval.report",
+    p = argparse.ArgumentParser(prog="longmem-report",
                                 description="All evaluations of a list of checkpoints -> report.md")
-    bucketed_ppl.add_common_args(p)
-    p.add_argument("--spm", default=None,
-                   help="sentencepiece model of the data (DIR/spm.model of prepare_corpus.py); "
-                   "without it text is split on whitespace")
+    add_common_args(p, text=True)
     p.add_argument("--out", required=True, help="output directory (report.md, report.json, PNGs)")
     p.add_argument("--quick", action="store_true", help="subsample everything (CPU, minutes)")
     p.add_argument("--split", default="test")
@@ -154,7 +150,7 @@ def run(args) -> Dict:
     out = args.out
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    loaded = bucketed_ppl.load_all(args)
+    loaded = load_all(args)
     encoder_for = encoder_factory(args.spm)
     report: Dict = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -254,16 +250,12 @@ def run(args) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+    def body(args) -> int:
         run(args)
-    except (LongMemError, MemoryConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {os.path.join(args.out, 'report.md')} and report.json")
-    return 0
+        print(f"wrote {os.path.join(args.out, 'report.md')} and report.json")
+        return 0
 
+    return run_command(build_parser(), argv, body)
 
 if __name__ == "__main__":
     sys.exit(main())

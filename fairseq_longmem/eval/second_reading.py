@@ -14,6 +14,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from . import EvalError
 from .token_losses import TokenLosses, document_stream, stream_token_losses
 
 
@@ -41,7 +42,7 @@ def second_reading(model, task, stream, length: int = 2048, min_length: int = 25
     """Run the probe over the documents of ``stream`` (batch size 1, documents in order)."""
     ops = openings(stream, length, min_length)
     if not ops:
-        raise ValueError(f"no document of {min_length}+ tokens for the second-reading probe")
+        raise EvalError(f"no document of {min_length}+ tokens for the second-reading probe")
     probe = document_stream([np.concatenate([o, o]) for o in ops], task.source_dictionary.eos())
     half = np.array([len(o) for o in ops])
     decoder = getattr(model, "decoder", None)

@@ -63,7 +63,7 @@ class LongMemLanguageModelingTask(FairseqTask):
         if not cfg.data:
             raise StreamDataError(
                 "no data directory given: pass the binarized data directory as the first "
-                "argument (made by preprocess/prepare_corpus.py)"
+                "argument (made by longmem-preprocess)"
             )
         paths = utils.split_paths(cfg.data)
         dictionary = None
@@ -72,7 +72,7 @@ class LongMemLanguageModelingTask(FairseqTask):
             if not os.path.isfile(dict_path):
                 raise StreamDataError(
                     f"no dict.txt in {path}: is it a fairseq-preprocess output directory? "
-                    "run preprocess/prepare_corpus.py first"
+                    "run longmem-preprocess first"
                 )
             d = Dictionary.load(dict_path)
             if dictionary is None:
@@ -97,7 +97,7 @@ class LongMemLanguageModelingTask(FairseqTask):
         if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:
             raise StreamDataError(
                 f"split {split!r} holds no tokens ({prefix}.bin is empty); binarize a "
-                "non-empty split (preprocess/prepare_corpus.py) or choose another subset"
+                "non-empty split (longmem-preprocess) or choose another subset"
             )
         if is_mmap_split(prefix):
             prefixes = [prefix]
@@ -110,19 +110,19 @@ class LongMemLanguageModelingTask(FairseqTask):
             except Exception as e:
                 raise StreamDataError(
                     f"corrupt binarized data at {prefix}.bin/.idx ({type(e).__name__}: "
-                    f"{str(e)[:100]}); re-run preprocess/prepare_corpus.py"
+                    f"{str(e)[:100]}); re-run longmem-preprocess"
                 ) from None
             if data is None:
                 raise StreamDataError(
                     f"split {split!r} not found: {prefix}.bin/.idx missing; binarize it "
-                    "(preprocess/prepare_corpus.py) or pick another --valid-subset/--gen-subset"
+                    "(longmem-preprocess) or pick another --valid-subset/--gen-subset"
                 )
             stream = DocumentStream.from_indexed(data, self.dictionary.eos(), name=split)
         if len(stream.doc_starts) == 1 and stream.num_items > 1 and not self.cfg.allow_single_document:
             raise StreamDataError(
                 f"split {split!r} has no document boundaries (no empty line between "
                 "documents); re-binarize with an empty line after each document "
-                "(preprocess/prepare_corpus.py), or pass --allow-single-document if it "
+                "(longmem-preprocess), or pass --allow-single-document if it "
                 "really is one document"
             )
         logger.info(
