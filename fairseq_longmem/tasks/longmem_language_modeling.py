@@ -185,6 +185,14 @@ class LongMemLanguageModelingTask(FairseqTask):
         data_buffer_size=0,
         **kwargs,
     ):
+        if not isinstance(dataset, DocumentStream):  # prompts of fairseq-interactive
+            # no length limit: the models decode past their window (docs/generation.md)
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                max_positions=None, num_shards=num_shards, shard_id=shard_id,
+                num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
+                **kwargs,
+            )
         self._check_positions(max_positions)
         batches = self.stream_batches(
             dataset, self._batch_size(max_sentences, max_tokens), num_shards, shard_id
