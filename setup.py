@@ -43,6 +43,7 @@ setup(
             "longmem-eval-lm = fairseq_longmem.cli:eval_lm",
             "longmem-preprocess = fairseq_longmem.preprocess.prepare_corpus:main",
             "longmem-report = fairseq_longmem.eval.report:main",
+            "longmem-generate = fairseq_longmem.generate:main",
         ]
     },
 )

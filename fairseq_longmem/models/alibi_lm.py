@@ -25,12 +25,19 @@ from fairseq.utils import safe_getattr
 from torch import Tensor
 
 from ..modules.decoder_layer import alibi_bias, alibi_slopes, decoder_forward
+from ..modules.incremental import SegmentDecoding, decoder_step
 
 logger = logging.getLogger(__name__)
 
 
-class AlibiTransformerDecoder(TransformerDecoder):
-    """``TransformerDecoder`` without position embeddings, with ALiBi biases."""
+class AlibiTransformerDecoder(SegmentDecoding, TransformerDecoder):
+    """``TransformerDecoder`` without position embeddings, with ALiBi biases.
+
+    Incremental decoding (fairseq's generators) follows segment semantics
+    (:mod:`..modules.incremental`): the history is cut into segments of
+    ``max_target_positions`` tokens and a token sees its own segment only,
+    exactly as ``fairseq-eval-lm`` on the stream task scores it.
+    """
 
     def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
@@ -57,15 +64,22 @@ class AlibiTransformerDecoder(TransformerDecoder):
         alignment_heads=None,
     ):
         if incremental_state is not None:
-            raise NotImplementedError(
-                "alibi_lm does not implement incremental decoding; score or train "
-                "with full segments (fairseq-train, fairseq-eval-lm)"
-            )
+            x = self.incremental_features(prev_output_tokens, incremental_state)
+            return x, {"attn": [None], "inner_states": None}
         hiddens, x, _ = decoder_forward(self, prev_output_tokens)
         return x, {"attn": [None], "inner_states": hiddens}
 
     def max_positions(self):
         return self.max_target_positions
+
+    def segment_length(self) -> int:
+        return int(self.max_target_positions)
+
+    def segment_stacks(self):
+        return {"layers": len(self.layers)}
+
+    def segment_step(self, tokens, state, query_mask):
+        return decoder_step(self, tokens, state.pos, state.caches["layers"])[1]
 
 
 @register_model("alibi_lm", dataclass=TransformerLanguageModelConfig)

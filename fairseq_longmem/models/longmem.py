@@ -15,6 +15,7 @@ from fairseq.models import FairseqLanguageModel, register_model
 from torch import Tensor
 
 from ..modules.decoder_layer import decoder_attn_bias, decoder_forward
+from ..modules.incremental import LayerCache, SegmentCache, decoder_step, piece_bias
 from ..modules.memory_reader import JointMemoryReader
 from ..modules.side_network import SideNetwork
 from .backbone import BackboneError
@@ -105,6 +106,30 @@ class LongMemDecoder(MemoryDecoder):
         """The frozen backbone's layer-m keys/values: the same now as when written."""
         with torch.no_grad():
             return decoder_forward(self.backbone, tokens, kv_layer=self.retrieval_layer)[2]
+
+
+    # ------------------------------------------------------------ generation
+    def segment_stacks(self):
+        return {"backbone": len(self.backbone.layers), "side": len(self.side.layers)}
+
+    def segment_step(self, tokens: Tensor, state: SegmentCache, query_mask: Optional[Tensor]):
+        with torch.no_grad():
+            hiddens, _ = decoder_step(self.backbone, tokens, state.pos, state.caches["backbone"])
+        bias = piece_bias(self.backbone, state.pos, tokens.size(1), tokens.device)
+        return self.side(hiddens, bias, memory_reader=self.generation_reader(state, query_mask),
+                         caches=state.caches["side"], pos=state.pos)
+
+    def segment_memory_kv(self, state: SegmentCache):
+        cache = state.caches["backbone"][self.retrieval_layer]
+        return cache.k, cache.v
+
+    @torch.no_grad()
+    def context_kv(self, segments: Tensor):
+        """The frozen backbone's layer-m keys/values of whole segments (layers past m
+        are not run): memory never depends on memory."""
+        caches = [LayerCache(segments.size(1)) for _ in range(self.retrieval_layer + 1)]
+        decoder_step(self.backbone, segments, 0, caches, upto=self.retrieval_layer + 1)
+        return caches[-1].k, caches[-1].v
 
 
 @register_model("longmem", dataclass=LongMemConfig)

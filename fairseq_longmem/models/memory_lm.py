@@ -26,12 +26,13 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import FairseqDecoder, register_model_architecture
+from fairseq.models import FairseqIncrementalDecoder, register_model_architecture
 from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor
 
 from ..errors import MemoryConfigError
+from ..modules.incremental import SegmentCache, SegmentDecoding
 from ..modules.memory_bank import MemoryBank
 from ..modules.memory_factory import build_memory
 from ..modules.memory_io import load_memory, save_memory
@@ -261,11 +262,14 @@ def register_presets(model_name: str, **extra) -> None:
 
 
 # ------------------------------------------------------------------- decoder
-class MemoryDecoder(FairseqDecoder):
+class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
     """A decoder with one memory bank per ``memory_key`` (data split), one ring per row.
 
     Subclasses set ``self.memory_gate`` (``(heads,)`` logits) and implement
-    :meth:`extract`, :meth:`memory_layout` and :meth:`output_layer`.
+    :meth:`extract`, :meth:`memory_layout` and :meth:`output_layer`; for
+    generation (fairseq's ``incremental_state``, :mod:`..modules.incremental`)
+    also :meth:`segment_stacks`, :meth:`segment_step`, :meth:`segment_memory_kv`
+    and :meth:`context_kv`.
     """
 
     def __init__(self, cfg: MemoryLMConfig, dictionary):
@@ -303,6 +307,7 @@ class MemoryDecoder(FairseqDecoder):
         features_only: bool = False,
         first_segment: bool = False,
         last_segment: bool = False,
+        incremental_state: Optional[dict] = None,
         **unused,
     ):
         """prev_output_tokens ``(bsz, tgt_len)``; doc_start ``(bsz, tgt_len)`` bool:
@@ -312,8 +317,16 @@ class MemoryDecoder(FairseqDecoder):
         Returns ``(logits, extra)``; extra holds ``inner_states``,
         ``memory_stats`` (fill, read fraction, gate) and, with memory,
         ``retrieval`` (:class:`Retrieved`) and ``written`` (the keys/values written).
+
+        With ``incremental_state`` (fairseq's generators): the tokens not yet
+        decoded are run under segment semantics (:mod:`..modules.incremental`);
+        the memory then lives in the incremental state, not in :attr:`memories`.
         """
         tokens = prev_output_tokens
+        if incremental_state is not None:
+            x = self.incremental_features(tokens, incremental_state, doc_start)
+            extra = {"attn": [None], "inner_states": None, "memory_stats": {}}
+            return (x, extra) if features_only else (self.output_layer(x), extra)
         if not self.cfg.use_external_memory:
             x, _, hiddens = self.extract(tokens, None)
             extra = {"inner_states": hiddens, "memory_stats": {}}
@@ -339,6 +352,22 @@ class MemoryDecoder(FairseqDecoder):
         extra = {"inner_states": hiddens, "memory_stats": stats,
                  "retrieval": reader.retrieved, "written": (mem_k, mem_v)}
         return (x, extra) if features_only else (self.output_layer(x), extra)
+
+    # ----------------------------------------------------------- generation
+    def segment_length(self) -> int:
+        tps = safe_getattr(self.cfg, "tokens_per_sample", None)
+        return int(tps) if isinstance(tps, int) else int(self.max_positions())
+
+    def new_generation_memory(self, bsz: int, device) -> Optional[MemoryBank]:
+        return self.new_memory(bsz, device) if self.cfg.use_external_memory else None
+
+    def generation_reader(self, state: SegmentCache,
+                          query_mask: Optional[Tensor]) -> Optional[JointMemoryReader]:
+        """The memory layer's reader for a piece decoded incrementally (None without memory)."""
+        if state.bank is None:
+            return None
+        return JointMemoryReader(state.bank, query_mask, self.memory_gate, self.spec.k,
+                                 self.memory_layout()[3], self.training)
 
     # ------------------------------------------------------------- memories
     def reset_memory(self, memory_key: Optional[str] = None) -> None:

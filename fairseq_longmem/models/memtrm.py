@@ -34,6 +34,7 @@ from fairseq.models import FairseqLanguageModel, register_model
 from torch import Tensor, nn
 
 from ..modules.decoder_layer import decoder_attn_bias, embed, final_features, layer_forward
+from ..modules.incremental import LayerCache, SegmentCache, decoder_step, embed_piece, piece_bias
 from ..modules.memory_reader import JointMemoryReader
 from . import memory_lm
 from .memory_lm import MemoryDecoder, MemoryLMConfig
@@ -100,6 +101,33 @@ class MemTRMDecoder(MemoryDecoder):
                 kv = layer_kv
             hiddens.append(x)
         return final_features(net, x), kv, hiddens
+
+
+    # ------------------------------------------------------------ generation
+    def segment_stacks(self):
+        return {"net": len(self.net.layers)}
+
+    def segment_step(self, tokens: Tensor, state: SegmentCache, query_mask: Optional[Tensor]):
+        net, m = self.net, self.retrieval_layer
+        x = embed_piece(net, tokens, state.pos)
+        bias = piece_bias(net, state.pos, tokens.size(1), tokens.device)
+        reader = self.generation_reader(state, query_mask)
+        for i, layer in enumerate(net.layers):
+            x, _ = layer_forward(layer, x, bias, memory_reader=reader if i == m else None,
+                                 cache=(state.caches["net"][i], state.pos))
+        return final_features(net, x)
+
+    def segment_memory_kv(self, state: SegmentCache):
+        cache = state.caches["net"][self.retrieval_layer]
+        return cache.k, cache.v
+
+    @torch.no_grad()
+    def context_kv(self, segments: Tensor):
+        """Layer m's own keys/values of whole segments: they come from the layers
+        below m, which read no memory, so segments are computed together."""
+        caches = [LayerCache(segments.size(1)) for _ in range(self.retrieval_layer + 1)]
+        decoder_step(self.net, segments, 0, caches, upto=self.retrieval_layer + 1)
+        return caches[-1].k, caches[-1].v
 
 
 @register_model("memtrm", dataclass=MemTRMConfig)

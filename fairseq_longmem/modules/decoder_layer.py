@@ -92,17 +92,25 @@ def layer_forward(
     attn_bias: Optional[Tensor],
     memory_reader: Optional[MemoryReader] = None,
     return_kv: bool = False,
+    cache: Optional[tuple] = None,
 ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
     """Run a fairseq ``TransformerDecoderLayer`` on ``x`` ``(bsz, tgt_len, dim)``.
 
     attn_bias: ``None`` (plain causal) or an additive causal bias (ALiBi).
     memory_reader: joint-attention hook applied to the per-head attention output.
+    cache: ``(LayerCache, pos)`` for incremental decoding (:mod:`.incremental`):
+    x is a piece at segment positions ``[pos, pos + tgt_len)``, its keys/values
+    are stored and the queries attend to the segment's cached ones (attn_bias
+    then covers ``(tgt_len, pos + tgt_len)``).
     Returns ``(x, (k, v) or None)`` with k, v ``(bsz, heads, tgt_len, d)``.
     """
     residual = x
     if layer.normalize_before:
         x = layer.self_attn_layer_norm(x)
     q, k, v = project_qkv(layer, x)
+    kv_out = (k, v)
+    if cache is not None:
+        k, v = cache[0].extend(k, v, cache[1])
     p = layer.self_attn.dropout_module.p if layer.training else 0.0
     out = local_attention(q, k, v, attn_bias, dropout_p=p)
     if memory_reader is not None:
@@ -130,7 +138,7 @@ def layer_forward(
     x = x + residual
     if not layer.normalize_before:
         x = layer.final_layer_norm(x)
-    return x, ((k, v) if return_kv else None)
+    return x, (kv_out if return_kv else None)
 
 
 def embed(decoder: nn.Module, tokens: Tensor) -> Tensor:

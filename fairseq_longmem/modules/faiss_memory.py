@@ -139,6 +139,21 @@ class FaissMemoryBank(MemoryBank):
             self._lo[r] = self._hi[r] = 0
             self._reset_row(int(r))
 
+    def _after_reorder(self, order: Tensor) -> None:
+        # the ring is reordered; the per-row faiss structures cannot be copied
+        # cheaply: backends with any (ivf, hnsw) refuse, unless nothing moves
+        idx = order.cpu().numpy()
+        if self.reorder_copies_index and not np.array_equal(idx, np.arange(len(self._lo))):
+            raise MemoryConfigError(
+                f"--memory-backend {self.backend} cannot reorder memory rows (beam search, "
+                "or several prompts over one memory): use --memory-backend torch or "
+                "faiss-flat, or --beam 1"
+            )
+        self._lo = self._lo[idx].copy()
+        self._hi = self._hi[idx].copy()
+
+    reorder_copies_index = True
+
     def _after_skip(self) -> None:
         # skipped tokens were never stored: the structures start empty at the
         # first chunk the next write can complete
@@ -304,6 +319,12 @@ class FlatMemoryBank(FaissMemoryBank):
             dists.append(D)
             labels.append(np.where(I >= 0, I + first_logical, -1))
         return merge_topk(dists, labels, kc)[1]
+
+    reorder_copies_index = False  # no index: the ring (and mirror) is all there is
+
+    def _after_reorder(self, order: Tensor) -> None:
+        super()._after_reorder(order)
+        self._rebuild_mirror()
 
     def _rebuild_mirror(self) -> None:
         if self._ring_is_host_fp32():

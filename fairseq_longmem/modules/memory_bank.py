@@ -344,6 +344,18 @@ class MemoryBank:
     def _after_reset(self, rows: Optional[Tensor]) -> None:
         """Hook for backends with search structures (torch: nothing to do)."""
 
+    def reorder_rows(self, order: Tensor) -> None:
+        """Keep rows ``order`` (``(new_bsz,)`` long, repeats allowed), in that order:
+        beam search's reorder of the memory rows (in place)."""
+        order = order.to(device=self.device, dtype=torch.long)
+        for name in ("keys", "values", "chunk_keys", "total"):
+            setattr(self, name, getattr(self, name).index_select(0, order))
+        self.num_streams = int(order.numel())
+        self._after_reorder(order)
+
+    def _after_reorder(self, order: Tensor) -> None:
+        """Hook for backends with search structures (torch: nothing to do)."""
+
     def skip(self, tokens: Tensor) -> None:
         """Count ``tokens`` ``(bsz,)`` more tokens per row without storing them.
 

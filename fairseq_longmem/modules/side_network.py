@@ -68,16 +68,21 @@ class SideNetwork(nn.Module):
         hiddens: List[Tensor],
         attn_bias: Optional[Tensor],
         memory_reader: Optional[MemoryReader] = None,
+        caches: Optional[list] = None,
+        pos: int = 0,
     ) -> Tensor:
-        """hiddens: backbone ``[h^0 .. h^L]`` each ``(bsz, tgt_len, dim)``.
+        """hiddens: backbone ``[h^0 .. h^L]`` each ``(bsz, tgt_len, dim)``; caches:
+        one :class:`~.incremental.LayerCache` per side layer when decoding
+        incrementally (hiddens then are a piece at segment positions ``pos..``).
 
-        Returns side features before the final norm, ``(bsz, tgt_len, dim)``.
+        Returns side features after the final norm, ``(bsz, tgt_len, dim)``.
         """
         r = self.reduction
         x = hiddens[0]
         for i, layer in enumerate(self.layers):
             reader = memory_reader if i == self.memory_layer else None
-            x, _ = layer_forward(layer, x, attn_bias, memory_reader=reader)
+            cache = (caches[i], pos) if caches is not None else None
+            x, _ = layer_forward(layer, x, attn_bias, memory_reader=reader, cache=cache)
             x = x + (hiddens[r * (i + 1)] - hiddens[r * i])
         if self.layer_norm is not None:
             x = self.layer_norm(x)

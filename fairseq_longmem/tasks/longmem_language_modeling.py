@@ -207,6 +207,14 @@ class LongMemLanguageModelingTask(FairseqTask):
         data_buffer_size=0,
         **kwargs,
     ):
+        if not isinstance(dataset, DocumentStream):  # prompts of fairseq-interactive
+            # no length limit: the models decode past their window (docs/generation.md)
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                max_positions=None, num_shards=num_shards, shard_id=shard_id,
+                num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
+                **kwargs,
+            )
         self._check_positions(max_positions)
         batches = self.stream_batches(
             dataset, self._batch_size(max_sentences, max_tokens), num_shards, shard_id
@@ -262,6 +270,53 @@ class LongMemLanguageModelingTask(FairseqTask):
                 f"--tokens-per-sample {self.cfg.tokens_per_sample} exceeds the model's "
                 f"{limit} positions; lower --tokens-per-sample to {limit}"
             )
+
+    # ------------------------------------------------- fairseq-interactive
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        """fairseq's generator; the length limit is ``--max-len-b`` alone (these models
+        decode past their window under segment semantics, docs/generation.md)."""
+        extra = dict(extra_gen_cls_kwargs or {})
+        extra.setdefault("max_len", 1 << 20)
+        return super().build_generator(models, args, seq_gen_cls, extra,
+                                       prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+        """Prompts for fairseq-interactive, as fairseq's ``language_modeling`` task
+        builds them: ``</s>`` + the prompt (its trailing ``</s>`` stripped)."""
+        from fairseq.data import (
+            AppendTokenDataset, IdDataset, NestedDictionaryDataset, NumelDataset, PadDataset,
+            PrependTokenDataset, StripTokenDataset, TokenBlockDataset,
+        )
+
+        d = self.source_dictionary
+        dataset = StripTokenDataset(
+            TokenBlockDataset(src_tokens, src_lengths, block_size=None, pad=d.pad(),
+                              eos=d.eos(), break_mode="eos"),
+            d.eos(),
+        )
+        src = PrependTokenDataset(dataset, token=d.eos())
+        tgt = AppendTokenDataset(dataset, token=d.pad())
+        return NestedDictionaryDataset(
+            {"id": IdDataset(),
+             "net_input": {"src_tokens": PadDataset(src, pad_idx=d.pad(), left_pad=False),
+                           "src_lengths": NumelDataset(src, reduce=False)},
+             "target": PadDataset(tgt, pad_idx=d.pad(), left_pad=False)},
+            sizes=[torch.tensor(src_lengths).numpy()],
+        )
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """Continue each prompt (its tokens are the generator's prefix), as
+        ``language_modeling`` does."""
+        if constraints is not None:
+            raise StreamDataError("longmem_language_modeling does not support --constraints")
+        eos = self.source_dictionary.eos()
+        with torch.no_grad():
+            if prefix_tokens is None and sample["net_input"]["src_tokens"].nelement():
+                prefix_tokens = sample["net_input"]["src_tokens"]
+                if prefix_tokens[:, 0].eq(eos).all():
+                    prefix_tokens = prefix_tokens[:, 1:]
+            return generator.generate(models, sample, prefix_tokens=prefix_tokens, bos_token=eos)
 
     def build_model(self, cfg, from_checkpoint=False):
         return accept_stream_inputs(super().build_model(cfg, from_checkpoint))
