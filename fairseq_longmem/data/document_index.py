@@ -1,4 +1,4 @@
-"""Where the documents of a binarized split lie, from its ``.idx`` alone (DESIGN.md 3).
+"""Where the documents of a binarized split lie, from its ``.idx`` alone.
 
 A fairseq memory-mapped split (``prefix.bin`` + ``prefix.idx``) is a list of
 lines, each ending in ``</s>``; an item of size 1 is an empty line, i.e. a

@@ -1,4 +1,4 @@
-"""Joint attention of the memory-augmented layer (DESIGN.md 1.5), as pure functions.
+"""Joint attention of the memory-augmented layer, as pure functions.
 
 Local causal attention (A) and attention over each token's retrieved memory
 pairs (M) have separate softmaxes and are mixed per head by a learned gate:
