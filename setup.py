@@ -36,13 +36,19 @@ setup(
         "omegaconf",
         "hydra-core",
     ],
-    extras_require={"plots": ["matplotlib"], "test": ["pytest"]},
+    extras_require={
+        "plots": ["matplotlib"],
+        # longmem-import-hf / --tokenizer read local files with these; transformers only in tests
+        "hf": ["safetensors", "tokenizers"],
+        "test": ["pytest", "transformers", "tokenizers", "safetensors"],
+    },
     entry_points={
         "console_scripts": [
             "longmem-train = fairseq_longmem.cli:train",
             "longmem-eval-lm = fairseq_longmem.cli:eval_lm",
             "longmem-preprocess = fairseq_longmem.preprocess.prepare_corpus:main",
             "longmem-report = fairseq_longmem.eval.report:main",
+            "longmem-import-hf = fairseq_longmem.hf_gpt2:main",
         ]
     },
 )
