@@ -50,3 +50,75 @@ def save_tiny_gpt2(out_dir: Path, vocab_size: int, eos_id: int, n_layer: int = 2
             p.add_(torch.randn_like(p) * scale / math.sqrt(max(1, p.shape[0] / 32)))
     model.save_pretrained(str(out_dir))
     return model.eval()
+
+
+def eval_lm_cfg(data, ckpt, tokens_per_sample, extra=()):
+    """fairseq-eval-lm's configuration, parsed by fairseq itself."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_eval_lm_parser()
+    args = options.parse_args_and_arch(parser, input_args=[
+        str(data), "--path", str(ckpt), "--task", "language_modeling", "--gen-subset", "test",
+        "--tokens-per-sample", str(tokens_per_sample), "--batch-size", "4", "--cpu",
+        "--no-progress-bar", "--sample-break-mode", "none", *extra])
+    return convert_namespace_to_omegaconf(args)
+
+
+def eval_lm_inprocess(data, ckpt, tokens_per_sample, extra=()):
+    """fairseq-eval-lm's own main(), in this process; returns its results dict."""
+    from fairseq_cli import eval_lm
+
+    return eval_lm.main(eval_lm_cfg(data, ckpt, tokens_per_sample, extra))
+
+
+def hf_perplexity(hf_model, data, tokens_per_sample, vocab):
+    """HuggingFace's perplexity on exactly the blocks fairseq-eval-lm scores."""
+    from fairseq import tasks
+
+    task = tasks.setup_task(eval_lm_cfg(data, "unused.pt", tokens_per_sample).task)
+    task.load_dataset("test")
+    ds = task.dataset("test")
+    f2h = torch.tensor(vocab.fairseq_to_hf)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            src, tgt = f2h[item["source"]], f2h[item["target"]]
+            logp = torch.log_softmax(hf_model(src[None]).logits[0].double(), -1)
+            nll -= logp.gather(1, tgt[:, None]).sum().item()
+            n += len(tgt)
+    return float(torch.exp(torch.tensor(nll / n))), n
+
+
+def stdlib_texts(n_docs: int, max_chars: int = 5000, offset: int = 0):
+    """``(name, text)`` of real documents: Python standard-library sources."""
+    import sysconfig
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in src.glob("*.py") if p.stat().st_size > 8000)[offset:offset + n_docs]
+    return [(p.stem, p.read_text(encoding="utf-8", errors="ignore")[:max_chars]) for p in files]
+
+
+def build_hf_pipeline(root: Path, n_docs: int = 14, vocab_size: int = 300, n_positions: int = 128,
+                      **model_kw):
+    """Corpus -> trained BPE tokenizer -> tiny GPT-2 (4 x 64) -> longmem-import-hf ->
+    longmem-preprocess --tokenizer. Returns a dict of the paths and the HF model."""
+    from fairseq_longmem.hf_gpt2 import import_hf_gpt2
+    from fairseq_longmem.preprocess.prepare_corpus import prepare_corpus
+
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    docs = stdlib_texts(n_docs)
+    for name, text in docs:
+        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
+    v = train_bpe_tokenizer([t for _, t in docs], root / "hf", vocab_size)
+    kw = dict(n_layer=4, n_embd=64, n_head=4, n_positions=n_positions)
+    kw.update(model_kw)
+    model = save_tiny_gpt2(root / "hf", v, 0, **kw)
+    import_hf_gpt2(root / "hf", root / "backbone")
+    info = prepare_corpus(corpus, root / "prep", tokenizer=root / "backbone", valid_frac=0.15,
+                          test_frac=0.15, seed=1)
+    return {"root": root, "corpus": corpus, "hf_dir": root / "hf", "backbone": root / "backbone",
+            "ckpt": root / "backbone" / "model.pt", "data": root / "prep" / "data-bin",
+            "info": info, "model": model, "vocab_size": v}

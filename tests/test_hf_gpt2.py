@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from hf_models import save_tiny_gpt2
+from hf_models import eval_lm_inprocess, hf_perplexity, save_tiny_gpt2
 
 pytest.importorskip("transformers")
 
@@ -53,45 +53,6 @@ def load_fairseq(path):
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
     return models[0].eval(), task
-
-
-def eval_lm_cfg(data, ckpt, tokens_per_sample, extra=()):
-    """fairseq-eval-lm's configuration, parsed by fairseq itself."""
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    parser = options.get_eval_lm_parser()
-    args = options.parse_args_and_arch(parser, input_args=[
-        str(data), "--path", str(ckpt), "--task", "language_modeling", "--gen-subset", "test",
-        "--tokens-per-sample", str(tokens_per_sample), "--batch-size", "4", "--cpu",
-        "--no-progress-bar", "--sample-break-mode", "none", *extra])
-    return convert_namespace_to_omegaconf(args)
-
-
-def eval_lm_inprocess(data, ckpt, tokens_per_sample, extra=()):
-    """fairseq-eval-lm's own main(), in this process; returns its results dict."""
-    from fairseq_cli import eval_lm
-
-    return eval_lm.main(eval_lm_cfg(data, ckpt, tokens_per_sample, extra))
-
-
-def hf_perplexity(hf_model, data, tokens_per_sample, vocab: VocabMap):
-    """HuggingFace's perplexity on exactly the blocks fairseq-eval-lm scores."""
-    from fairseq import tasks
-
-    task = tasks.setup_task(eval_lm_cfg(data, "unused.pt", tokens_per_sample).task)
-    task.load_dataset("test")
-    ds = task.dataset("test")
-    f2h = torch.tensor(vocab.fairseq_to_hf)
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(len(ds)):
-            item = ds[i]
-            src, tgt = f2h[item["source"]], f2h[item["target"]]
-            logp = torch.log_softmax(hf_model(src[None]).logits[0].double(), -1)
-            nll -= logp.gather(1, tgt[:, None]).sum().item()
-            n += len(tgt)
-    return float(torch.exp(torch.tensor(nll / n))), n
 
 
 def binarize_random_tokens(tmp_path, out, vocab: VocabMap, n_docs=3, doc_len=150):
