@@ -5,6 +5,7 @@ Usage::
     python -m preprocess.prepare_corpus --input PATH --out DIR [--vocab-size 4000]
         [--model-type unigram] [--valid-frac 0.05] [--test-frac 0.05] [--min-split-docs 1]
         [--seed 1] [--workers 1] [--spm-input-sentence-size 2000000] [--max-line-chars 10000]
+        [--tokenizer IMPORTED_BACKBONE_DIR]   (an HF tokenizer instead of sentencepiece)
 
 Output layout (``DIR``)::
 

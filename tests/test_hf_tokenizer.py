@@ -154,3 +154,24 @@ def test_longmem_adapts_over_an_imported_backbone(pipe, tmp_path):
                                  "--cpu"])
     ppl = perplexity(ev.stdout + ev.stderr)
     assert 1 < ppl < pipe["vocab_size"]
+
+
+def test_train_sh_adapt_takes_the_imported_backbone(pipe, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    env = dict(
+        os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", GPUS="0",
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        DATA_DIR=str(pipe["data"]), CKPT_DIR=str(tmp_path / "ckpt"), PTM_PATH=str(pipe["ckpt"]),
+        ARCH="longmem_tiny", TOKENS_PER_SAMPLE="32", BATCH_SIZE="2", MAX_UPDATE="4", WARMUP="1",
+        LR="1e-3", MEMORY_SIZE="128", K="8", RETRIEVAL_LAYER="3", SAVE_INTERVAL="4",
+        EXTRA_ARGS="--disable-validation --log-format simple",
+    )
+    proc = subprocess.run(["bash", str(REPO_ROOT / "train.sh"), "adapt"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "ckpt" / "longmem_tiny" / "checkpoint_last.pt").exists()
