@@ -175,3 +175,26 @@ def test_train_sh_adapt_takes_the_imported_backbone(pipe, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "ckpt" / "longmem_tiny" / "checkpoint_last.pt").exists()
+
+
+def test_longmem_and_memtrm_run_the_imported_backbone_as_hf_does(pipe):
+    from fairseq_longmem.models.memtrm import MemTRMConfig, MemTRMModel
+    from fairseq_longmem.modules.decoder_layer import decoder_forward
+    from conftest import build_memory_model
+
+    vocab = load_vocab_map(pipe["backbone"])
+    f2h = torch.tensor(vocab.fairseq_to_hf)
+    h2f = torch.tensor(vocab.hf_to_fairseq)
+    lm, task = build_longmem(pipe["ckpt"], pipe["data"], 64)
+    mt, _ = build_memory_model(MemTRMModel, MemTRMConfig, pipe["ckpt"], pipe["data"], 64, dict(
+        pretrained_model_path=str(pipe["ckpt"]), use_external_memory=True, memory_size=64,
+        chunk_size=4, k=8, retrieval_layer_index=3, decoder_embed_dim=64))
+    task.load_dataset("valid")
+    tokens = torch.from_numpy(task.dataset("valid").tokens[:64].copy())[None]
+    with torch.no_grad():
+        ref = pipe["model"](f2h[tokens]).logits
+        # the plugin's own forward of the imported network (LongMem: frozen; MemTRM: trained)
+        for backbone in (lm.decoder.backbone, mt.decoder.net):
+            _, features, _ = decoder_forward(backbone, tokens)
+            got = backbone.output_layer(features)[..., h2f]
+            assert (got - ref).abs().max().item() <= 1e-4
