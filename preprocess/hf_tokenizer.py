@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -56,8 +56,10 @@ class HFTokenizerEncoder:
         self.symbols = self.vocab.symbols()
         self.respell = self._respellings(merges)
 
-    def _respellings(self, merges: List[Tuple[str, str]]) -> Dict[int, List[int]]:
-        """HF id of each reserved token the tokenizer can produce -> its spelling without them."""
+    def _respellings(self, merges: List[Tuple[str, str]]) -> Dict[int, Optional[List[int]]]:
+        """HF id of each reserved token the tokenizer can produce -> its spelling without them
+        (``None`` for a token that is no BPE merge, e.g. an added special token: text that
+        produces it is refused when encoded)."""
         reserved = [t for t in self.vocab.reserved if t < self.tokenizer_size]
         strings = {self.tokenizer.id_to_token(t): t for t in reserved}
         parts: Dict[int, Tuple[str, str]] = {}
@@ -66,25 +68,34 @@ class HFTokenizerEncoder:
             if t is not None and t not in parts:
                 parts[t] = (a, b)
 
-        def spell(t: int, depth: int = 0) -> List[int]:
+        def spell(t: int, depth: int = 0) -> Optional[List[int]]:
             if t not in reserved:
                 return [t]
             if t not in parts or depth > 8:
-                raise PreprocessError(
-                    f"token {t} ({self.tokenizer.id_to_token(t)!r}) stands at a fairseq special "
-                    "symbol and is not a BPE merge, so it cannot be spelled with other tokens; "
-                    "only BPE tokenizers (GPT-2 family) are supported"
-                )
+                return None
             out: List[int] = []
             for piece in parts[t]:
                 pid = self.tokenizer.token_to_id(piece)
                 if pid is None:
                     raise PreprocessError(f"BPE merge part {piece!r} is not in the vocabulary; "
                                           "the tokenizer files are damaged")
-                out.extend(spell(pid, depth + 1))
+                sub = spell(pid, depth + 1)
+                if sub is None:
+                    return None
+                out.extend(sub)
             return out
 
         return {t: spell(t) for t in reserved}
+
+    def _spelled(self, t: int) -> List[int]:
+        ids = self.respell[t]
+        if ids is None:
+            raise PreprocessError(
+                f"the text contains token {t} ({self.tokenizer.id_to_token(t)!r}), which stands at "
+                "a fairseq special symbol (<s>/<pad>/<unk>) and is not a BPE merge that could be "
+                "spelled otherwise; remove it from the corpus"
+            )
+        return ids
 
     def encode_hf(self, texts: Sequence[str]) -> List[List[int]]:
         """HF ids of each text, reserved tokens spelled out."""
@@ -92,7 +103,7 @@ class HFTokenizerEncoder:
         for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
             ids = enc.ids
             if self.respell and any(t in self.respell for t in ids):
-                ids = [p for t in ids for p in self.respell.get(t, (t,))]
+                ids = [p for t in ids for p in (self._spelled(t) if t in self.respell else (t,))]
             out.append(ids)
         return out
 

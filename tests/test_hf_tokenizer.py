@@ -198,3 +198,19 @@ def test_longmem_and_memtrm_run_the_imported_backbone_as_hf_does(pipe):
             _, features, _ = decoder_forward(backbone, tokens)
             got = backbone.output_layer(features)[..., h2f]
             assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_added_special_tokens_at_the_reserved_ids(pipe, tmp_path):
+    from tokenizers import Tokenizer
+
+    from fairseq_longmem.hf_vocab import VocabMap
+
+    tok = Tokenizer.from_file(str(pipe["backbone"] / "tokenizer.json"))
+    tok.add_special_tokens(["<|pad|>", "<|sep|>", "<|x|>"])  # the three largest ids
+    tok.save(str(tmp_path / "tokenizer.json"))
+    VocabMap(pipe["vocab_size"] + 3, 0).save(tmp_path)
+    enc = HFTokenizerEncoder(tmp_path)
+    assert all(enc.respell[t] is None for t in enc.vocab.reserved)
+    assert enc.decode(enc.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
+    with pytest.raises(PreprocessError, match=r"token \d+ \('<\|sep\|>'\).*remove it"):
+        enc.encode("a <|sep|> b")
