@@ -15,7 +15,7 @@ and reports fairseq-eval-lm's perplexity of the imported model beside the
 HuggingFace model's on the same tokens, the copy probe of the imported
 backbone, and the second-reading probe of the adapted LongMem model.
 
-Usage: ``python examples/hf_backbone/demo.py --workdir W [--docs 40] [--hf-steps 400]``
+Usage: ``python examples/hf_backbone/demo.py --workdir W [--docs 40] [--hf-steps 200]``
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--positions", type=int, default=256)
-    p.add_argument("--hf-steps", type=int, default=400)
-    p.add_argument("--adapt-steps", type=int, default=150)
+    p.add_argument("--positions", type=int, default=128)
+    p.add_argument("--hf-steps", type=int, default=200)
+    p.add_argument("--adapt-steps", type=int, default=100)
     p.add_argument("--tokens-per-sample", type=int, default=128)
     args = p.parse_args()
     w = Path(args.workdir).resolve()
