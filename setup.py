@@ -36,7 +36,12 @@ setup(
         "omegaconf",
         "hydra-core",
     ],
-    extras_require={"plots": ["matplotlib"], "test": ["pytest"]},
+    extras_require={
+        "plots": ["matplotlib"],
+        # longmem-import-hf / --tokenizer read local files with these; transformers only in tests
+        "hf": ["safetensors", "tokenizers"],
+        "test": ["pytest", "transformers", "tokenizers", "safetensors"],
+    },
     entry_points={
         "console_scripts": [
             "longmem-train = fairseq_longmem.cli:train",
@@ -44,6 +49,7 @@ setup(
             "longmem-preprocess = fairseq_longmem.preprocess.prepare_corpus:main",
             "longmem-report = fairseq_longmem.eval.report:main",
             "longmem-generate = fairseq_longmem.generate:main",
+            "longmem-import-hf = fairseq_longmem.hf_gpt2:main",
         ]
     },
 )

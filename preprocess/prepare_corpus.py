@@ -5,6 +5,7 @@ Usage::
     longmem-preprocess --input PATH --out DIR [--vocab-size 4000]
         [--model-type unigram] [--valid-frac 0.05] [--test-frac 0.05] [--min-split-docs 1]
         [--seed 1] [--workers 1] [--spm-input-sentence-size 2000000] [--max-line-chars 10000]
+        [--tokenizer IMPORTED_BACKBONE_DIR]   (an HF tokenizer instead of sentencepiece)
 
 Output layout (``DIR``)::
 
@@ -466,14 +467,22 @@ def prepare_corpus(
     spm_input_sentence_size: int = 2_000_000,
     max_line_chars: int = 10000,
     model_type: str = "unigram",
+    tokenizer: Optional[PathLike] = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline (see the module docstring) and return the corpus info dict.
 
     The same dict is written to ``out/corpus_info.json``. Bad input or settings raise
     :class:`PreprocessError` with a one-line message naming the problem and the fix.
+    With ``tokenizer`` (a folder), an imported backbone's HF tokenizer and dictionary
+    replace sentencepiece (``hf_tokenizer.py``): one line per document.
     """
     _check_args(vocab_size, model_type, workers, spm_input_sentence_size, max_line_chars)
     _check_split_args(valid_frac, test_frac, min_split_docs)
+    hf_encoder = None
+    if tokenizer is not None:
+        from .hf_tokenizer import HFTokenizerEncoder, encode_document_split
+
+        hf_encoder = HFTokenizerEncoder(tokenizer)
     input_path, out_dir = Path(input), Path(out)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -504,39 +513,51 @@ def prepare_corpus(
         "documents per split: %s", ", ".join(f"{s}={stats[s]['docs']}" for s in SPLITS)
     )
 
-    # 4. sentencepiece on train only
-    t0 = time.perf_counter()
-    model_file = train_sentencepiece(
-        out_dir / "raw" / "train.txt",
-        out_dir / "spm",
-        vocab_size=vocab_size,
-        model_type=model_type,
-        workers=workers,
-        input_sentence_size=spm_input_sentence_size,
-        max_line_chars=max_line_chars,
-        seed=seed,
-    )
-    timings["train_spm"] = time.perf_counter() - t0
-    encoder = PieceEncoder(model_file)
-    logger.info(
-        "trained sentencepiece %s model %s: %d pieces (%d not usable as fairseq symbols)",
-        model_type,
-        model_file,
-        encoder.sp.get_piece_size(),
-        encoder.n_unsafe,
-    )
+    # 4-6. the backbone's HF tokenizer and dictionary (one line per document), or ...
+    if hf_encoder is not None:
+        t0 = time.perf_counter()
+        for split in SPLITS:
+            enc = encode_document_split(out_dir / "raw" / f"{split}.txt", out_dir / "tok" / f"{split}.tok", hf_encoder)
+            if enc["lines"] != stats[split]["docs"]:
+                raise RuntimeError(f"{split}: encoded {enc['lines']} documents, wrote {stats[split]['docs']}")
+            stats[split].update(text_lines=stats[split]["lines"], lines=enc["lines"], pieces=enc["pieces"])
+        timings["encode"] = time.perf_counter() - t0
+        dict_size = hf_encoder.write_dict(out_dir / "dict.txt")
+        encoder = model_file = None
+    else:  # ... sentencepiece trained on train only
+        # 4. sentencepiece on train only
+        t0 = time.perf_counter()
+        model_file = train_sentencepiece(
+            out_dir / "raw" / "train.txt",
+            out_dir / "spm",
+            vocab_size=vocab_size,
+            model_type=model_type,
+            workers=workers,
+            input_sentence_size=spm_input_sentence_size,
+            max_line_chars=max_line_chars,
+            seed=seed,
+        )
+        timings["train_spm"] = time.perf_counter() - t0
+        encoder = PieceEncoder(model_file)
+        logger.info(
+            "trained sentencepiece %s model %s: %d pieces (%d not usable as fairseq symbols)",
+            model_type,
+            model_file,
+            encoder.sp.get_piece_size(),
+            encoder.n_unsafe,
+        )
 
-    # 5. encode every split, separators kept
-    t0 = time.perf_counter()
-    for split in SPLITS:
-        enc = encode_split(out_dir / "raw" / f"{split}.txt", out_dir / "tok" / f"{split}.tok", encoder, workers)
-        if enc["lines"] != stats[split]["lines"] or enc["separators"] != stats[split]["docs"] - 1:
-            raise RuntimeError(f"{split}: encoded line counts {enc} disagree with raw counts {stats[split]}")
-        stats[split]["pieces"] = enc["pieces"]
-    timings["encode"] = time.perf_counter() - t0
+        # 5. encode every split, separators kept
+        t0 = time.perf_counter()
+        for split in SPLITS:
+            enc = encode_split(out_dir / "raw" / f"{split}.txt", out_dir / "tok" / f"{split}.tok", encoder, workers)
+            if enc["lines"] != stats[split]["lines"] or enc["separators"] != stats[split]["docs"] - 1:
+                raise RuntimeError(f"{split}: encoded line counts {enc} disagree with raw counts {stats[split]}")
+            stats[split]["pieces"] = enc["pieces"]
+        timings["encode"] = time.perf_counter() - t0
 
-    # 6. fairseq dictionary
-    dict_size = write_fairseq_dict(encoder, out_dir / "dict.txt")
+        # 6. fairseq dictionary
+        dict_size = write_fairseq_dict(encoder, out_dir / "dict.txt")
 
     # 7. binarize
     t0 = time.perf_counter()
@@ -570,13 +591,14 @@ def prepare_corpus(
         "skipped": dict(sorted(skipped.items())),
         "model_type": model_type,
         "vocab_size": vocab_size,
-        "spm_pieces": encoder.sp.get_piece_size(),
+        "spm_pieces": encoder.sp.get_piece_size() if encoder else None,
+        "tokenizer": str(Path(tokenizer).resolve()) if tokenizer is not None else None,
         "dict_size": dict_size,
         "splits": stats,
         "paths": {
             "data_bin": str(data_bin.resolve()),
             "dict": str((out_dir / "dict.txt").resolve()),
-            "spm_model": str(model_file.resolve()),
+            "spm_model": str(model_file.resolve()) if model_file else None,
             "raw": {s: str((out_dir / "raw" / f"{s}.txt").resolve()) for s in SPLITS},
             "tok": {s: str((out_dir / "tok" / f"{s}.tok").resolve()) for s in SPLITS},
         },
@@ -618,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vocab-size", type=int, default=4000, help="sentencepiece vocabulary size (default 4000)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="sentencepiece model type")
+    p.add_argument("--tokenizer", default=None, help="tokenize with an imported backbone's HF tokenizer "
+                   "(folder written by longmem-import-hf) instead of training sentencepiece")
     p.add_argument("--valid-frac", type=float, default=0.05, help="fraction of documents for valid (default 0.05)")
     p.add_argument("--test-frac", type=float, default=0.05, help="fraction of documents for test (default 0.05)")
     p.add_argument("--min-split-docs", type=int, default=1, help="minimum documents in valid and in test")
@@ -655,6 +679,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             spm_input_sentence_size=args.spm_input_sentence_size,
             max_line_chars=args.max_line_chars,
             model_type=args.model_type,
+            tokenizer=args.tokenizer,
         )
     except PreprocessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,8 @@ fi
 VPY="$VENV/bin/python"
 if "$VPY" - <<'PYCHK' 2>/dev/null; then
 import importlib, sys
-for m in ("torch", "fairseq", "faiss", "sentencepiece", "matplotlib", "tensorboardX", "pytest", "fairseq_longmem"):
+for m in ("torch", "fairseq", "faiss", "sentencepiece", "matplotlib", "tensorboardX", "pytest",
+          "fairseq_longmem", "safetensors", "tokenizers", "transformers"):
     importlib.import_module(m)
 import fairseq_longmem.preprocess  # installed (editable) with its package mapping
 PYCHK
