@@ -264,11 +264,14 @@ def search_impl(choice: str, timer: "SectionTimer"):
     saved = memory_bank.search_chunks
     impl = memory_bank.topk_chunks
     if choice == "fused":
-        from fairseq_longmem.modules.fused_search import fused_topk_chunks
+        from fairseq_longmem.modules.fused_search import fused_supported, fused_topk_chunks
 
-        def impl(*a, **kw):
+        def impl(queries, chunk_keys, valid, num_chunks):
             COUNTS["fused_search_calls"] += 1
-            return fused_topk_chunks(*a, **kw)
+            q = queries.to(device=chunk_keys.device, dtype=chunk_keys.dtype)
+            if fused_supported(q, chunk_keys, num_chunks):
+                return fused_topk_chunks(q, chunk_keys, valid, num_chunks)
+            return memory_bank.topk_chunks(queries, chunk_keys, valid, num_chunks)
 
     memory_bank.search_chunks = timer.wrap("topk", impl)
     try:
