@@ -51,7 +51,17 @@ FLOPs per token (model FLOPs; MFU = flops_per_token * tokens/s / peak)::
   every head, against every chunk's mean key), ~2% of F at the paper's
   shapes; embeddings, norms, softmax, the optimizer.
 
+Timing: after a warm-up both ways, ``--repeats`` interleaved rounds of
+``--steps`` steps with memory then ``--steps`` without; step times and
+``memory_overhead_ratio`` are medians over rounds (``rounds`` in the JSON).
+On CPU, ``--profile-steps`` steps each way then run under ``torch.profiler``
+for ``breakdown``: the memory's time per step split into chunk search,
+gather, rest of the bank's search, memory attention forward and backward,
+write, and other (see docs/speed.md).
+
 Examples::
+
+    python benchmarks/train_speed.py --preset quickstart --out r.json   # CPU quickstart shapes
 
     python benchmarks/train_speed.py --device cuda --search torch --out torch.json
     python benchmarks/train_speed.py --device cuda --search fused --out fused.json
