@@ -268,7 +268,8 @@ def _topk_chunks_cpu(
             for s in range(0, tgt_len, nq):
                 s1 = min(s + nq, tgt_len)
                 m = (r1 - r) * (s1 - s)
-                scores = torch.bmm(q[r:r1, s:s1], ckt[r:r1], out=buf[: m * n].view(r1 - r, s1 - s, n))
+                out = buf[: m * n].view(r1 - r, s1 - s, n)
+                scores = torch.bmm(q[r:r1, s:s1], ckt[r:r1], out=out)
                 if invalid is not None:
                     scores.masked_fill_(invalid[r:r1], float("-inf"))
                 v, i = blocked_topk(scores.view(m, n), top, g)
@@ -600,7 +601,8 @@ class MemoryBank:
             return None
         pool = self.__dict__.setdefault("_out_buffers", {})
         buf = pool.get(name)
-        if buf is None or tuple(buf.shape) != shape or buf.dtype != self.dtype or storage_in_use(buf):
+        stale = buf is None or tuple(buf.shape) != shape or buf.dtype != self.dtype
+        if stale or storage_in_use(buf):
             buf = torch.empty(shape, dtype=self.dtype)
             pool[name] = buf
         return buf.view(shape)  # a view: its holders count as users of the buffer
