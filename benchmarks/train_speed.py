@@ -51,7 +51,17 @@ FLOPs per token (model FLOPs; MFU = flops_per_token * tokens/s / peak)::
   every head, against every chunk's mean key), ~2% of F at the paper's
   shapes; embeddings, norms, softmax, the optimizer.
 
+Timing: after a warm-up both ways, ``--repeats`` interleaved rounds of
+``--steps`` steps with memory then ``--steps`` without; step times and
+``memory_overhead_ratio`` are medians over rounds (``rounds`` in the JSON).
+On CPU, ``--profile-steps`` steps each way then run under ``torch.profiler``
+for ``breakdown``: the memory's time per step split into chunk search,
+gather, rest of the bank's search, memory attention forward and backward,
+write, and other (see docs/speed.md).
+
 Examples::
+
+    python benchmarks/train_speed.py --preset quickstart --out r.json   # CPU quickstart shapes
 
     python benchmarks/train_speed.py --device cuda --search torch --out torch.json
     python benchmarks/train_speed.py --device cuda --search fused --out fused.json
@@ -65,6 +75,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 import warnings
@@ -84,6 +95,20 @@ PAPER = dict(layers=24, dim=1024, heads=16, ffn=4096, vocab=50257, batch_size=8,
 TINY = dict(layers=4, dim=64, heads=4, ffn=256, vocab=1000, batch_size=2,
             tokens_per_sample=64, memory_size=512, k=16, chunk_size=4,
             retrieval_layer=3, reduction=2, steps=3, warmup=1)
+# the CPU quickstart's stage 2 (examples/quickstart/quickstart.py): longmem_small over
+# alibi_lm_small (4 layers, d=256, 8 heads, ffn 1024), a 4,000-piece vocabulary,
+# 8 streams x 128 tokens, memory 8,192 (chunk 4, k 32) read at layer 3, no dropout,
+# fp32 on 2 CPU threads
+QUICKSTART = dict(layers=4, dim=256, heads=8, ffn=1024, vocab=4000, batch_size=8,
+                  tokens_per_sample=128, memory_size=8192, k=32, chunk_size=4,
+                  retrieval_layer=3, reduction=2, steps=5, warmup=3)
+PRESETS = {"paper": PAPER, "tiny": TINY, "quickstart": QUICKSTART}
+# settings a preset fixes unless given on the command line
+PRESET_RUN = {
+    "paper": dict(dtype="bf16", threads=None, repeats=1, dropout=None),
+    "tiny": dict(dtype="bf16", threads=None, repeats=1, dropout=None, device="cpu"),
+    "quickstart": dict(dtype="fp32", threads=2, repeats=7, dropout=0.0, device="cpu"),
+}
 ARCHES = {"alibi": "alibi_lm_gpt2_medium", "transformer": "transformer_lm_gpt2_small"}
 
 
@@ -121,6 +146,8 @@ def backbone_config(args) -> Dict:
         tokens_per_sample=args.tokens_per_sample,
         max_target_positions=args.tokens_per_sample,
     )
+    if getattr(args, "dropout", None) is not None:  # e.g. the quickstart's --dropout 0.0
+        ns.dropout = ns.attention_dropout = ns.activation_dropout = args.dropout
     ARCH_CONFIG_REGISTRY[arch](ns)  # fills the preset's remaining defaults
     cfg = {k: v for k, v in vars(ns).items() if isinstance(v, (int, float, str, bool, type(None)))}
     cfg["_name"] = ARCH_MODEL_NAME_REGISTRY[arch]
@@ -249,11 +276,12 @@ def search_impl(choice: str, timer: "SectionTimer"):
     if choice == "fused":
         from fairseq_longmem.modules.fused_search import fused_supported, fused_topk_chunks
 
-        def impl(q, ck, valid, kc):  # the kernel where it runs, else the torch path
+        def impl(queries, chunk_keys, valid, num_chunks):
             COUNTS["fused_search_calls"] += 1
-            if not fused_supported(q.to(ck.device, ck.dtype), ck, kc):
-                return memory_bank.topk_chunks(q, ck, valid, kc)
-            return fused_topk_chunks(q.to(ck.device, ck.dtype), ck, valid, kc)
+            q = queries.to(device=chunk_keys.device, dtype=chunk_keys.dtype)
+            if fused_supported(q, chunk_keys, num_chunks):
+                return fused_topk_chunks(q, chunk_keys, valid, num_chunks)
+            return memory_bank.topk_chunks(queries, chunk_keys, valid, num_chunks)
 
     memory_bank.search_chunks = timer.wrap("topk", impl)
     try:
@@ -421,34 +449,55 @@ def run(args) -> Dict:
         result["memory_fill_tokens"] = fill
         assert fill and all(f >= args.memory_size for f in fill), "memory not full"
 
-        # 2. memory on: warm-up, then timed steps with the bank's calls timed
+        # 2. warm-up both ways, then interleaved rounds: `steps` steps with memory,
+        #    `steps` without, `repeats` times (the machine's load drifts: a ratio
+        #    taken within one round compares like with like); medians over rounds
         instrument_banks(model, timer)
-        for _ in range(args.warmup):
-            trainer.step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        for use_memory in (True, False):
+            dec.cfg.use_external_memory = use_memory
+            for _ in range(args.warmup):
+                trainer.step()
         timer.reset()
-        timer.enabled = True
-        step_s, loss = trainer.timed(args.steps)
-        timer.enabled = False
-        write_ms = timer.total_ms("write") / args.steps
-        topk_ms = timer.total_ms("topk") / args.steps
-        retrieval_ms = timer.total_ms("retrieval") / args.steps
-        peak_on = peak_memory_bytes(device)
-        syncs = count_syncs(trainer)
-        loss_on = float(loss)
+        on_s, off_s = [], []
+        loss_on = loss_off = float("nan")
+        for _ in range(args.repeats):
+            dec.cfg.use_external_memory = True
+            timer.enabled = True
+            t, loss = trainer.timed(args.steps)
+            timer.enabled = False
+            on_s.append(t)
+            loss_on = float(loss)
+            dec.cfg.use_external_memory = False
+            t, loss = trainer.timed(args.steps)
+            off_s.append(t)
+            loss_off = float(loss)
+        timed_steps = args.steps * args.repeats
+        write_ms = timer.total_ms("write") / timed_steps
+        topk_ms = timer.total_ms("topk") / timed_steps
+        retrieval_ms = timer.total_ms("retrieval") / timed_steps
+        search_calls = timer.calls.get("retrieval", 0) / timed_steps
 
-        # 3. memory off: same model and optimizer
-        dec.cfg.use_external_memory = False
-        for _ in range(args.warmup):
+        # 3. peak memory of one step each way; host-device syncs of one memory step
+        peaks = {}
+        for use_memory in (True, False):
+            dec.cfg.use_external_memory = use_memory
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             trainer.step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        step_off_s, loss = trainer.timed(args.steps)
-        peak_off = peak_memory_bytes(device)
+            sync(device)
+            peaks[use_memory] = peak_memory_bytes(device)
         dec.cfg.use_external_memory = True
-        loss_off = float(loss)
+        syncs = count_syncs(trainer)
 
+        # 4. where the memory's time goes (PyTorch profiler, CPU)
+        breakdown = None
+        if args.profile_steps > 0 and device.type == "cpu":
+            breakdown = profile_breakdown(trainer, dec, args.profile_steps)
+        dec.cfg.use_external_memory = True
+
+    ratios = [a / b for a, b in zip(on_s, off_s)]
+    step_s = statistics.median(on_s)
+    step_off_s = statistics.median(off_s)
     tokens = args.batch_size * args.tokens_per_sample
     f_on = flops_per_token(model, args, memory_on=True)
     f_off = flops_per_token(model, args, memory_on=False)
@@ -469,9 +518,9 @@ def run(args) -> Dict:
             "retrieval_share": retrieval_ms / step_ms,
             "search_ms": topk_ms,
             "search_share": topk_ms / step_ms,
-            "search_calls_per_step": timer.calls.get("retrieval", 0) / args.steps,
+            "search_calls_per_step": search_calls,
             "fused_search_calls": COUNTS["fused_search_calls"],
-            "peak_memory_bytes": peak_on,
+            "peak_memory_bytes": peaks[True],
             "peak_memory_kind": (
                 "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss"
             ),
@@ -483,27 +532,184 @@ def run(args) -> Dict:
                 "tokens_per_s": tokens / step_off_s,
                 "flops_per_token": f_off["total"],
                 "mfu": f_off["total"] * tokens / step_off_s / peak,
-                "peak_memory_bytes": peak_off,
+                "peak_memory_bytes": peaks[False],
                 "loss": loss_off,
             },
-            "memory_overhead_ratio": step_s / step_off_s,
+            # median over the interleaved rounds of (memory step / no-memory step)
+            "memory_overhead_ratio": statistics.median(ratios),
+            "rounds": {
+                "steps_per_round": args.steps,
+                "step_ms": [1000 * t for t in on_s],
+                "no_memory_step_ms": [1000 * t for t in off_s],
+                "overhead_ratio": ratios,
+                "overhead_ratio_min": min(ratios),
+                "overhead_ratio_max": max(ratios),
+            },
+            "breakdown": breakdown,
         }
     )
     return result
 
 
+# ------------------------------------------------------------- breakdown
+# profiler ranges of the memory's parts, in the order of the table
+PARTS = [
+    ("search", "chunk search (scores + top-k)"),
+    ("gather", "gather retrieved keys/values"),
+    ("retrieve_other", "rest of bank.search (validity, masks, indices)"),
+    ("attention_fwd", "memory attention + gate, forward"),
+    ("attention_bwd", "memory attention + gate, backward"),
+    ("write", "memory write (+ reset)"),
+]
+RANGE = "longmem."
+
+
+@contextmanager
+def profiler_ranges(dec):
+    """Wrap the memory's functions in ``record_function`` ranges for the profiler
+    (module attributes and bank instance attributes; restored on exit)."""
+    from torch.profiler import record_function
+
+    from fairseq_longmem.modules import memory_bank, memory_reader
+
+    def ranged(name, fn):
+        def wrapped(*a, **kw):
+            with record_function(RANGE + name):
+                return fn(*a, **kw)
+        return wrapped
+
+    saved = []
+
+    def patch(obj, attr, name):
+        if hasattr(obj, attr):
+            saved.append((obj, attr, obj.__dict__.get(attr, None) if not isinstance(obj, type)
+                          else getattr(obj, attr)))
+            setattr(obj, attr, ranged(name, getattr(obj, attr)))
+
+    patch(memory_bank, "search_chunks", "search")
+    patch(memory_bank, "gather_chunk_tokens", "gather")
+    for attr in ("memory_attention", "gate_mix"):
+        patch(memory_reader, attr, "attention")
+    for bank in dec.memories.values():
+        patch(bank, "search", "retrieve")
+        patch(bank, "write", "write")
+        patch(bank, "reset", "write")
+    try:
+        yield
+    finally:
+        for obj, attr, old in reversed(saved):
+            if old is None:  # was a class attribute seen through the instance
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+def memory_parts_ms(events) -> Dict[str, float]:
+    """Milliseconds (summed over ``events``) of each part of :data:`PARTS`.
+
+    A range nested in another memory range counts for the outer one (the
+    gather inside a write is write time). The backward of the memory attention
+    is every autograd node whose forward op ran inside a ``attention`` range
+    (matched by the autograd sequence number)."""
+    us = {name: 0.0 for name, _ in PARTS}
+    retrieve = gathered_in_retrieve = searched_in_retrieve = 0.0
+    attention_seq = set()
+    for e in events:
+        if not e.name.startswith(RANGE):
+            continue
+        part = e.name[len(RANGE):]
+        parent = e.cpu_parent
+        nested = False
+        while parent is not None:
+            if parent.name.startswith(RANGE):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if part == "attention":
+            attention_seq.update(
+                d.sequence_nr for d in _descendants(e) if d.sequence_nr is not None
+                and d.sequence_nr >= 0
+            )
+        if nested:
+            if part in ("gather", "search") and parent.name == RANGE + "retrieve":
+                if part == "gather":
+                    gathered_in_retrieve += e.cpu_time_total
+                else:
+                    searched_in_retrieve += e.cpu_time_total
+            continue
+        if part == "retrieve":
+            retrieve += e.cpu_time_total
+        elif part in ("search", "gather", "write"):
+            us[part] += e.cpu_time_total
+        elif part == "attention":
+            us["attention_fwd"] += e.cpu_time_total
+    us["search"] += searched_in_retrieve
+    us["gather"] += gathered_in_retrieve
+    us["retrieve_other"] = max(0.0, retrieve - searched_in_retrieve - gathered_in_retrieve)
+    prefix = "autograd::engine::evaluate_function: "
+    for e in events:
+        if e.name.startswith(prefix) and e.sequence_nr in attention_seq:
+            us["attention_bwd"] += e.cpu_time_total
+    return {name: v / 1000.0 for name, v in us.items()}
+
+
+def profile_breakdown(trainer, dec, steps: int) -> Dict:
+    """Profile ``steps`` steps with memory and ``steps`` without (alternating):
+    the memory's parts per step, and the rest of the difference ("other":
+    Python, the extra allocations, everything not in a range)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_ms, off_ms, parts = [], [], []
+    with profiler_ranges(dec):
+        for _ in range(steps):
+            for use_memory in (True, False):
+                dec.cfg.use_external_memory = use_memory
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    t0 = time.perf_counter()
+                    trainer.step()
+                    dt = 1000 * (time.perf_counter() - t0)
+                if use_memory:
+                    on_ms.append(dt)
+                    parts.append(memory_parts_ms(prof.events()))
+                else:
+                    off_ms.append(dt)
+    dec.cfg.use_external_memory = True
+    med = {name: statistics.median(p[name] for p in parts) for name, _ in PARTS}
+    step_on, step_off = statistics.median(on_ms), statistics.median(off_ms)
+    extra = step_on - step_off
+    med["other"] = extra - sum(med.values())
+    return {
+        "profiled_steps": steps,
+        "step_ms": step_on,
+        "no_memory_step_ms": step_off,
+        "memory_ms": extra,
+        "parts_ms": med,
+        "parts_share_of_no_memory_step": {k: v / step_off for k, v in med.items()},
+        "labels": dict(PARTS + [("other", "other (Python, allocations, not in a range)")]),
+    }
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny shapes on CPU (seconds): 4 layers d=64, vocab 1000, batch 2, "
-                        "T=64, memory 512; explicit flags still override")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="paper (default): the paper's shapes, bf16; quickstart: the CPU "
+                        "quickstart's stage 2 (4 layers d=256, batch 8 x 128, memory 8,192, k 32, "
+                        "fp32, 2 threads, 7 interleaved rounds); tiny: seconds on CPU. "
+                        "Explicit flags override the preset")
+    p.add_argument("--tiny", action="store_true", help="same as --preset tiny")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if any)")
     p.add_argument("--backbone", choices=sorted(ARCHES), default="alibi",
                    help="alibi: our alibi_lm (the default backbone); "
                         "transformer: fairseq's transformer_lm")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                   help="autocast dtype (fp16 adds a GradScaler)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="autocast dtype (fp16 adds a GradScaler); default bf16, fp32 for quickstart")
     p.add_argument("--search", choices=["torch", "fused"], default="torch",
                    help="chunk search: torch (memory_bank.topk_chunks) or fused "
                         "(fused_search.fused_topk_chunks; the torch path where Triton can't run)")
@@ -511,31 +717,55 @@ def parse_args(argv=None):
                  "memory_size", "k", "chunk_size", "retrieval_layer", "reduction", "steps",
                  "warmup"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"default {PAPER[name]} ({TINY[name]} with --tiny)")
+                       help=f"default {PAPER[name]} ({TINY[name]} with --tiny, "
+                            f"{QUICKSTART[name]} with --preset quickstart)"
+                            + (" (per round)" if name == "steps" else ""))
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds of --steps steps with memory then --steps without; "
+                        "step times and the overhead ratio are medians over rounds (default 1, "
+                        "7 for quickstart)")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help="CPU: profile this many steps each way (torch.profiler) for the "
+                        "breakdown of the memory's time (default 3; 0: no breakdown)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="backbone (and so side network) dropout; default the arch's (0.1), "
+                        "0 for quickstart")
     p.add_argument("--tune-lm-head", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s of the device for MFU (H100 SXM bf16: 989)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 2 for quickstart)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--flops-only", action="store_true",
                    help="only build the model (meta device) and print the FLOPs per token")
     args = p.parse_args(argv)
-    base = TINY if args.tiny else PAPER
-    for name, value in base.items():
+    if args.tiny:
+        args.preset = args.preset or "tiny"
+    args.preset = args.preset or "paper"
+    args.tiny = args.preset == "tiny"
+    for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.device is None:
-        args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    run_defaults = dict(PRESET_RUN[args.preset])
+    run_defaults.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    for name, value in run_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.profile_steps is None:
+        args.profile_steps = 3 if args.preset != "tiny" else 1
+    if args.repeats < 1 or args.steps < 1:
+        p.error("--repeats and --steps must be >= 1")
     return args
 
 
 def summary(r: Dict) -> str:
     gib = 2 ** 30
     peak = r["peak_memory_bytes"]
+    rounds = r["rounds"]
     lines = [
         f"device {r['device']}  search {r['config']['search']} ({r['search_impl']})  "
-        f"dtype {r['config']['dtype']}  batch {r['config']['batch_size']} x "
+        f"dtype {r['config']['dtype']}  threads {r['threads']}  batch {r['config']['batch_size']} x "
         f"{r['config']['tokens_per_sample']} tokens, memory {r['config']['memory_size']} "
         f"(chunk {r['config']['chunk_size']}, k {r['config']['k']})",
         f"memory on : {r['step_ms']:9.2f} ms/step  {r['tokens_per_s']:12.0f} tok/s  "
@@ -543,13 +773,30 @@ def summary(r: Dict) -> str:
         f"memory off: {r['no_memory']['step_ms']:9.2f} ms/step  "
         f"{r['no_memory']['tokens_per_s']:12.0f} tok/s  MFU {100 * r['no_memory']['mfu']:5.1f}%  "
         f"peak mem {r['no_memory']['peak_memory_bytes'] / gib:.2f} GiB",
-        f"overhead  : x{r['memory_overhead_ratio']:.3f}   write {r['write_ms']:.2f} ms "
-        f"({100 * r['write_share']:.1f}%)   retrieval {r['retrieval_ms']:.2f} ms "
-        f"({100 * r['retrieval_share']:.1f}%, of which search {r['search_ms']:.2f} ms)   "
-        f"syncs/step {r['syncs_in_step']}",
+        f"memory_overhead_ratio x{r['memory_overhead_ratio']:.3f} (median of "
+        f"{len(rounds['overhead_ratio'])} interleaved rounds of {rounds['steps_per_round']} steps; "
+        f"min {rounds['overhead_ratio_min']:.3f}, max {rounds['overhead_ratio_max']:.3f})",
+        f"timers    : write {r['write_ms']:.2f} ms ({100 * r['write_share']:.1f}%)   retrieval "
+        f"{r['retrieval_ms']:.2f} ms ({100 * r['retrieval_share']:.1f}%, of which search "
+        f"{r['search_ms']:.2f} ms)   syncs/step {r['syncs_in_step']}",
         f"FLOPs/token {r['flops_per_token'] / 1e9:.3f} G (+ search "
         f"{r['flops_breakdown']['search_flops_per_token'] / 1e9:.3f} G, not in MFU)",
     ]
+    b = r.get("breakdown")
+    if b:
+        lines += [
+            "",
+            f"memory's time per step (torch.profiler, median of {b['profiled_steps']} profiled "
+            f"steps each way: {b['step_ms']:.1f} ms with memory, {b['no_memory_step_ms']:.1f} ms "
+            "without)",
+            f"| {'part':<48} | {'ms/step':>8} | {'% of no-memory step':>19} |",
+            f"| {'-' * 48} | {'-' * 7}: | {'-' * 18}: |",
+        ]
+        for name, ms in b["parts_ms"].items():
+            share = 100 * b["parts_share_of_no_memory_step"][name]
+            lines.append(f"| {b['labels'][name]:<48} | {ms:8.2f} | {share:18.1f}% |")
+        lines.append(f"| {'total (memory step - no-memory step)':<48} | {b['memory_ms']:8.2f} | "
+                     f"{100 * b['memory_ms'] / b['no_memory_step_ms']:18.1f}% |")
     return "\n".join(lines)
 
 
@@ -557,10 +804,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args_threads = torch.get_num_threads()
     if args.flops_only:
         result = flops_only(args)
     else:
         result = run(args)
+        result["threads"] = args_threads
         print(summary(result))
     text = json.dumps(result, indent=1, sort_keys=True)
     if args.out:

@@ -1,7 +1,8 @@
 """Slow loop references of the library's math, for tests only.
 
 Each one computes on tiny tensors, with Python loops, what a fast function of
-the package computes: the chunk search (``memory_bank.MemoryBank.search``), the
+the package computes: the chunk search (``memory_bank.MemoryBank.search``; and
+``topk_chunks_before``, the torch search as it was before issue 16), the
 fused kernel's running top-k (``fused_search``) and the joint attention
 (``modules.decoder_layer`` with a memory reader).
 """
@@ -29,6 +30,64 @@ def plain_topk_chunks(
     top = min(num_chunks, scores.size(-1))
     values, index = scores.topk(top, dim=-1)
     ok = torch.isfinite(values)
+    if top < num_chunks:  # memory smaller than asked: pad with invalid entries
+        pad = num_chunks - top
+        index = torch.nn.functional.pad(index, (0, pad))
+        ok = torch.nn.functional.pad(ok, (0, pad), value=False)
+    return index, ok
+
+
+def topk_chunks_before(
+    queries: Tensor,
+    chunk_keys: Tensor,
+    valid: Tensor,
+    num_chunks: int,
+    block_elements: int = 1 << 28,
+) -> tuple[Tensor, Tensor]:
+    """``memory_bank.topk_chunks`` as it was before the CPU search was blocked
+    (issue 16), verbatim: the reference the fast search must agree with.
+
+    Top ``num_chunks`` chunks per query by inner product.
+
+    queries: ``(bsz, heads, tgt_len, d)``; chunk_keys: ``(bsz, heads, n, d)``;
+    valid: ``(bsz, n)`` bool. Returns ``(index, ok)`` of shape
+    ``(bsz, heads, tgt_len, num_chunks)``; ``ok`` is False where fewer valid
+    chunks than asked exist. Ties go to ``torch.topk``'s (deterministic) order.
+
+    Scores are computed in the storage dtype on accelerators and in fp32 on
+    CPU (CPU half-precision matmuls are slow); the score matrix is built in
+    blocks of queries of at most ``block_elements`` entries (a static loop, no
+    host synchronisation) so that a 65k-token memory at batch 8 x 16 heads x
+    1024 queries does not materialise 2^31 scores at once.
+    """
+    ck = chunk_keys
+    if ck.device.type == "cpu" and ck.dtype != torch.float32:
+        ck = ck.float()
+    ckt = ck.transpose(-1, -2)
+    q = queries.to(device=ck.device, dtype=ck.dtype)
+    bsz, heads, tgt_len, _ = q.shape
+    n = ck.size(-2)
+    top = min(num_chunks, n)
+    invalid = ~valid[:, None, None, :]
+    # a full memory has no invalid chunk: on CPU (where checking costs no device
+    # synchronisation) skip the mask pass over the whole score matrix
+    need_mask = ck.device.type != "cpu" or not bool(valid.all())
+    step = max(1, block_elements // max(1, bsz * heads * n))
+    idx_blocks, ok_blocks = [], []
+    for s in range(0, tgt_len, step):
+        scores = torch.matmul(q[:, :, s : s + step], ckt)
+        if need_mask:
+            scores.masked_fill_(invalid, float("-inf"))
+        values, index = scores.topk(top, dim=-1)
+        idx_blocks.append(index)
+        ok_blocks.append(torch.isfinite(values))
+    if len(idx_blocks) == 1:
+        index, ok = idx_blocks[0], ok_blocks[0]
+    elif idx_blocks:
+        index, ok = torch.cat(idx_blocks, 2), torch.cat(ok_blocks, 2)
+    else:  # no queries
+        index = torch.zeros(bsz, heads, 0, top, dtype=torch.long, device=ck.device)
+        ok = torch.zeros(bsz, heads, 0, top, dtype=torch.bool, device=ck.device)
     if top < num_chunks:  # memory smaller than asked: pad with invalid entries
         pad = num_chunks - top
         index = torch.nn.functional.pad(index, (0, pad))

@@ -293,3 +293,88 @@ def test_score_blocks_give_the_same_result():
     whole = topk_chunks(q, ck, valid, 4)
     blocked = topk_chunks(q, ck, valid, 4, block_elements=2 * 3 * 20 * 5)
     assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+
+
+# ------------------------------------------------ the fast CPU search (issue 16)
+def same_selection(q, ck, valid, got, ref):
+    """Two exact selections agree: same ``ok``; the same scores chosen per query
+    (sorted); and the same chunks wherever the reference's chosen scores have
+    no tie with an unchosen one (ties may pick other chunks of equal score)."""
+    (index, ok), (ref_index, ref_ok) = got, ref
+    assert torch.equal(ok, ref_ok)
+    scores = torch.matmul(q.float(), ck.float().transpose(-1, -2))
+    n = scores.size(-1)
+
+    def chosen(i, o):
+        return scores.gather(3, i.clamp(max=n - 1)).masked_fill(~o, 0).sort(-1).values
+
+    assert torch.equal(chosen(index, ok), chosen(ref_index, ref_ok))
+    # chosen chunks are valid, and listed by decreasing score
+    vals = scores.gather(3, index.clamp(max=n - 1)).masked_fill(~ok, float("-inf"))
+    assert bool((vals[..., :-1] >= vals[..., 1:]).all())
+    assert bool(valid[:, None, None, :].expand_as(scores).gather(3, index.clamp(max=n - 1))[ok].all())
+    # no tie at the boundary of the reference's choice: the very same set
+    masked = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    kth = chosen(ref_index, ref_ok)[..., :1]  # smallest chosen (0 where not ok)
+    tie = ((masked == kth) & ~torch.zeros_like(masked, dtype=torch.bool).scatter(
+        3, ref_index.clamp(max=n - 1), ref_ok)).any(-1)
+    a = index.masked_fill(~ok, -1).sort(-1).values
+    b = ref_index.masked_fill(~ref_ok, -1).sort(-1).values
+    assert torch.equal(a[~tie], b[~tie])
+    return int(tie.sum())
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_cpu_search_selects_the_chunks_of_the_previous_search(case):
+    """``topk_chunks`` (blocked, two-stage on CPU) against ``topk_chunks_before``
+    (the single score matrix it replaced): partial and invalid chunks, fewer
+    valid chunks than asked, ties, block sizes that split queries and rows."""
+    from fairseq_longmem.modules.memory_bank import group_size, topk_chunks
+    from references import topk_chunks_before
+
+    g = torch.Generator().manual_seed(case)
+    bsz, heads, t, d = 2, 3, [37, 1, 64, 16, 5, 33][case], [8, 4, 16, 8, 3, 8][case]
+    n, kc = [2048, 64, 512, 256, 40, 512][case], [8, 4, 16, 4, 12, 32][case]
+    q = torch.randn(bsz, heads, t, d, generator=g)
+    ck = torch.randn(bsz, heads, n, d, generator=g)
+    if case in (1, 3):  # ties: integer scores, many equal
+        q, ck = q.round(), ck.round()
+    fill = [1.0, 0.5, 0.3, 1.0, 0.2, 0.05][case]
+    valid = torch.rand(bsz, n, generator=g) < fill
+    ref = topk_chunks_before(q, ck, valid, kc)
+    for block in (None, n, 3 * n + 1, 1 << 30):
+        same_selection(q, ck, valid, topk_chunks(q, ck, valid, kc, block_elements=block), ref)
+    if case == 0:
+        assert group_size(n, kc) > 1  # the two-stage path ran
+
+
+def test_two_stage_topk_is_exact():
+    from fairseq_longmem.modules.memory_bank import blocked_topk
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(50, 256, generator=g)
+    scores[0] = torch.arange(256.0)  # the largest all in one group's neighbourhood
+    scores[1, 7::64] = 100.0  # the top-4 all in one group (j = 7)
+    scores[2] = 1.0  # all tied
+    for g_ in (1, 2, 4, 8):
+        values, cols = blocked_topk(scores, 6, g_)
+        ref = scores.topk(6, dim=-1).values
+        assert torch.equal(values, ref)
+        assert torch.equal(scores.gather(1, cols), values)
+        assert bool((cols.sort(-1).values[:, 1:] != cols.sort(-1).values[:, :-1]).all())
+
+
+def test_gather_by_chunk_matches_per_token_indexing():
+    from fairseq_longmem.modules.memory_bank import gather_chunk_tokens
+
+    store = torch.randn(2, 3, 4 * 10 + 1, 5)
+    index = torch.randint(0, 10, (2, 3, 7, 3))
+    token = index.unsqueeze(-1) * 4 + torch.arange(4)  # (2, 3, 7, 3, 4)
+    ref = torch.stack([
+        torch.stack([store[b, h][token[b, h].reshape(7, 12)] for h in range(3)]) for b in range(2)
+    ])
+    assert torch.equal(gather_chunk_tokens(store, index, 4), ref)
+    # a non-contiguous store takes the per-token path
+    wide = torch.randn(2, 3, 41, 10)
+    assert torch.equal(gather_chunk_tokens(wide[..., :5], index, 4),
+                       gather_chunk_tokens(wide[..., :5].contiguous(), index, 4))

@@ -49,6 +49,52 @@ def test_tiny_run_reports_every_field(tmp_path, search):
     assert all(f >= 512 for f in r["memory_fill_tokens"])
     assert r["flops_per_token"] > r["no_memory"]["flops_per_token"]
     assert "memory on" in stdout and "memory off" in stdout
+    # the profiler's breakdown of the memory's time: every part measured, and
+    # the parts plus "other" add up to the difference of the profiled steps
+    b = r["breakdown"]
+    parts = b["parts_ms"]
+    assert set(parts) == {"search", "gather", "retrieve_other", "attention_fwd",
+                          "attention_bwd", "write", "other"}
+    for name in ("search", "gather", "attention_fwd", "attention_bwd", "write"):
+        assert finite(parts[name]) and parts[name] > 0, (name, parts[name])
+    assert math.isclose(sum(parts.values()), b["memory_ms"], rel_tol=1e-6, abs_tol=1e-6)
+    assert math.isclose(b["memory_ms"], b["step_ms"] - b["no_memory_step_ms"], rel_tol=1e-6)
+    assert "chunk search" in stdout and "memory attention" in stdout
+
+
+def test_interleaved_rounds_and_median_ratio(tmp_path):
+    r, stdout = run_script(tmp_path, "--tiny", "--steps", "1", "--warmup", "1", "--repeats", "3",
+                           "--profile-steps", "0")
+    rounds = r["rounds"]
+    assert len(rounds["overhead_ratio"]) == 3 and rounds["steps_per_round"] == 1
+    ratios = [a / b for a, b in zip(rounds["step_ms"], rounds["no_memory_step_ms"])]
+    assert r["memory_overhead_ratio"] == pytest.approx(sorted(ratios)[1])
+    assert r["breakdown"] is None and "median of 3 interleaved rounds" in stdout
+
+
+def test_quickstart_preset_has_the_quickstarts_shapes():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import train_speed
+
+    a = train_speed.parse_args(["--preset", "quickstart"])
+    got = {k: getattr(a, k) for k in ("layers", "dim", "heads", "ffn", "batch_size",
+                                      "tokens_per_sample", "memory_size", "k", "chunk_size",
+                                      "retrieval_layer", "reduction", "dtype", "threads",
+                                      "device", "dropout")}
+    assert got == dict(layers=4, dim=256, heads=8, ffn=1024, batch_size=8, tokens_per_sample=128,
+                       memory_size=8192, k=32, chunk_size=4, retrieval_layer=3, reduction=2,
+                       dtype="fp32", threads=2, device="cpu", dropout=0.0)
+    assert a.repeats > 1  # interleaved rounds
+    # the quickstart's own defaults (examples/quickstart/quickstart.py)
+    sys.path.insert(0, os.path.join(ROOT, "examples", "quickstart"))
+    import quickstart
+
+    qs = quickstart.parse_args([])
+    assert (qs.tokens_per_sample, qs.batch_size, qs.memory_size, qs.k, qs.chunk_size,
+            qs.retrieval_layer_index) == (128, 8, 8192, 32, 4, 3)
+    assert (qs.arch, qs.backbone_arch) == ("longmem_small", "alibi_lm_small")
+    # an explicit flag overrides the preset
+    assert train_speed.parse_args(["--preset", "quickstart", "--threads", "1"]).threads == 1
 
 
 def test_flops_formula_at_paper_shapes(tmp_path):

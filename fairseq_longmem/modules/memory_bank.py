@@ -122,7 +122,14 @@ def valid_chunk_range(total: int, memory_size: int, chunk_size: int) -> tuple[in
     return lo, max(lo, hi)
 
 
-SCORE_BLOCK_ELEMENTS = 1 << 28  # bound on one block of query x chunk scores
+SCORE_BLOCK_ELEMENTS = 1 << 28  # bound on one block of query x chunk scores (accelerators)
+# CPU: 16 MiB of fp32 scores per block. Below glibc's largest mmap threshold
+# (32 MiB), so the allocator hands the same heap memory back at every block and
+# call (a fresh mmap'd tensor costs a page fault per 4 KiB on first touch: the
+# whole 67 MB score matrix of the quickstart cost as much as its matmul); and
+# large enough that a search is a few big ops, not hundreds of small parallel
+# regions (these stall when the two cores are shared: measured at 2 threads)
+CPU_SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
 def topk_chunks(
@@ -130,39 +137,39 @@ def topk_chunks(
     chunk_keys: Tensor,
     valid: Tensor,
     num_chunks: int,
-    block_elements: int = SCORE_BLOCK_ELEMENTS,
+    block_elements: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Top ``num_chunks`` chunks per query by inner product.
 
     queries: ``(bsz, heads, tgt_len, d)``; chunk_keys: ``(bsz, heads, n, d)``;
     valid: ``(bsz, n)`` bool. Returns ``(index, ok)`` of shape
-    ``(bsz, heads, tgt_len, num_chunks)``; ``ok`` is False where fewer valid
-    chunks than asked exist. Ties go to ``torch.topk``'s (deterministic) order.
+    ``(bsz, heads, tgt_len, num_chunks)``, sorted by decreasing score; ``ok`` is
+    False where fewer valid chunks than asked exist. Among chunks of equal score
+    the choice is unspecified (today: ``torch.topk``'s).
 
     Scores are computed in the storage dtype on accelerators and in fp32 on
-    CPU (CPU half-precision matmuls are slow); the score matrix is built in
-    blocks of queries of at most ``block_elements`` entries (a static loop, no
-    host synchronisation) so that a 65k-token memory at batch 8 x 16 heads x
-    1024 queries does not materialise 2^31 scores at once.
+    CPU (CPU half-precision matmuls are slow). The score matrix is never built
+    whole: on accelerators in blocks of queries of at most ``block_elements``
+    entries (default ``SCORE_BLOCK_ELEMENTS``; a static loop, no host
+    synchronisation); on CPU, :func:`_topk_chunks_cpu`.
     """
     ck = chunk_keys
-    if ck.device.type == "cpu" and ck.dtype != torch.float32:
-        ck = ck.float()
+    if ck.device.type == "cpu":
+        return _topk_chunks_cpu(
+            queries, ck, valid, num_chunks, block_elements or CPU_SCORE_BLOCK_ELEMENTS
+        )
+    block_elements = block_elements or SCORE_BLOCK_ELEMENTS
     ckt = ck.transpose(-1, -2)
     q = queries.to(device=ck.device, dtype=ck.dtype)
     bsz, heads, tgt_len, _ = q.shape
     n = ck.size(-2)
     top = min(num_chunks, n)
     invalid = ~valid[:, None, None, :]
-    # a full memory has no invalid chunk: on CPU (where checking costs no device
-    # synchronisation) skip the mask pass over the whole score matrix
-    need_mask = ck.device.type != "cpu" or not bool(valid.all())
     step = max(1, block_elements // max(1, bsz * heads * n))
     idx_blocks, ok_blocks = [], []
     for s in range(0, tgt_len, step):
         scores = torch.matmul(q[:, :, s : s + step], ckt)
-        if need_mask:
-            scores.masked_fill_(invalid, float("-inf"))
+        scores.masked_fill_(invalid, float("-inf"))
         values, index = scores.topk(top, dim=-1)
         idx_blocks.append(index)
         ok_blocks.append(torch.isfinite(values))
@@ -173,11 +180,99 @@ def topk_chunks(
     else:  # no queries
         index = torch.zeros(bsz, heads, 0, top, dtype=torch.long, device=ck.device)
         ok = torch.zeros(bsz, heads, 0, top, dtype=torch.bool, device=ck.device)
-    if top < num_chunks:  # memory smaller than asked: pad with invalid entries
+    return _pad_topk(index, ok, num_chunks)
+
+
+def _pad_topk(index: Tensor, ok: Tensor, num_chunks: int) -> tuple[Tensor, Tensor]:
+    """Memory smaller than asked: pad ``(index, ok)`` with invalid entries."""
+    top = index.size(-1)
+    if top < num_chunks:
         pad = num_chunks - top
         index = torch.nn.functional.pad(index, (0, pad))
         ok = torch.nn.functional.pad(ok, (0, pad), value=False)
     return index, ok
+
+
+def group_size(n: int, kc: int, max_group: int = 4) -> int:
+    """Chunks per group of the two-stage top-k (1: plain top-k): the largest power
+    of two ``g <= max_group`` that divides ``n`` and leaves at least ``4 kc``
+    groups (with fewer, the second stage would read most of the row again)."""
+    g = max_group
+    while g > 1 and (n % g or n // g < 4 * kc):
+        g //= 2
+    return g
+
+
+def blocked_topk(scores: Tensor, kc: int, g: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``kc`` of each row of ``scores`` ``(rows, n)``, in two stages.
+
+    The columns form ``n / g`` groups of ``g`` (group ``j``: columns ``j, j + n/g,
+    j + 2 n/g, ...``, so the group maxima are one vectorised max over ``g``
+    contiguous slices). The ``kc`` largest scores of a row lie in the ``kc``
+    groups of largest maximum: a score above the ``kc``-th largest group
+    maximum lies in a group whose maximum is above it, and there are fewer
+    than ``kc`` of those; so ``topk`` runs over ``kc * g`` candidates instead
+    of ``n`` (ties: the same values, possibly other columns). Returns
+    ``(values, columns)`` ``(rows, kc)``, by decreasing value.
+    """
+    rows, n = scores.shape
+    if g <= 1:
+        return scores.topk(kc, dim=-1)
+    groups = n // g
+    group_max = scores.view(rows, g, groups).amax(1)  # (rows, groups)
+    top_groups = group_max.topk(kc, dim=-1, sorted=False).indices  # (rows, kc)
+    offsets = torch.arange(g, device=scores.device) * groups
+    cols = (top_groups.unsqueeze(-1) + offsets).view(rows, kc * g)
+    values, pos = scores.gather(1, cols).topk(kc, dim=-1)
+    return values, cols.gather(1, pos)
+
+
+def _topk_chunks_cpu(
+    queries: Tensor, chunk_keys: Tensor, valid: Tensor, num_chunks: int, block_elements: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`topk_chunks` on CPU: scores in fp32, one block at a time.
+
+    A block is a few (stream, head) pairs x a range of queries, at most
+    ``block_elements`` scores, in one buffer reused by every block; each block
+    goes through the two-stage :func:`blocked_topk` straight into the output.
+    The full score matrix (16.7M scores = 67 MB at the quickstart's shapes,
+    1 GB at the paper's with one stream) is never allocated.
+    """
+    ck = chunk_keys if chunk_keys.dtype == torch.float32 else chunk_keys.float()
+    bsz, heads, tgt_len, d = queries.shape
+    n = ck.size(-2)
+    top = min(num_chunks, n)
+    rows = bsz * heads
+    q = queries.to(dtype=torch.float32).reshape(rows, tgt_len, d)
+    ckt = ck.reshape(rows, n, d).transpose(1, 2)  # (rows, d, n), a view
+    values = torch.empty(rows, tgt_len, top, dtype=torch.float32)
+    index = torch.empty(rows, tgt_len, top, dtype=torch.long)
+    if tgt_len and top:
+        # a full memory has no invalid chunk: skip the mask pass (no sync on CPU)
+        invalid = None
+        if not bool(valid.all()):
+            invalid = (~valid.bool())[:, None, :].expand(bsz, heads, n).reshape(rows, 1, n)
+        g = group_size(n, top)
+        per_row = tgt_len * n  # scores of one (stream, head)
+        if per_row <= block_elements:
+            nrows, nq = max(1, block_elements // per_row), tgt_len
+        else:
+            nrows, nq = 1, max(1, block_elements // n)
+        buf = torch.empty(min(nrows, rows) * min(nq, tgt_len) * n, dtype=torch.float32)
+        for r in range(0, rows, nrows):
+            r1 = min(r + nrows, rows)
+            for s in range(0, tgt_len, nq):
+                s1 = min(s + nq, tgt_len)
+                m = (r1 - r) * (s1 - s)
+                out = buf[: m * n].view(r1 - r, s1 - s, n)
+                scores = torch.bmm(q[r:r1, s:s1], ckt[r:r1], out=out)
+                if invalid is not None:
+                    scores.masked_fill_(invalid[r:r1], float("-inf"))
+                v, i = blocked_topk(scores.view(m, n), top, g)
+                values[r:r1, s:s1] = v.view(r1 - r, s1 - s, top)
+                index[r:r1, s:s1] = i.view(r1 - r, s1 - s, top)
+    ok = torch.isfinite(values).view(bsz, heads, tgt_len, top)
+    return _pad_topk(index.view(bsz, heads, tgt_len, top), ok, num_chunks)
 
 
 def search_chunks(
@@ -198,20 +293,24 @@ def gather_chunk_tokens(store: Tensor, chunk_index: Tensor, chunk_size: int) -> 
 
     store: ``(bsz, heads, slots, d)`` with ``slots >= n_chunks * chunk_size``;
     chunk_index: ``(bsz, heads, tgt_len, kc)``. Returns
-    ``(bsz, heads, tgt_len, kc * chunk_size, d)``. Uses one flat
-    ``index_select`` so no ``(.., d)``-expanded index is materialised.
+    ``(bsz, heads, tgt_len, kc * chunk_size, d)``. One flat ``index_select``,
+    so no ``(.., d)``-expanded index is materialised; on CPU over a view whose
+    rows are whole chunks (``chunk_size * d`` values starting at every slot; the
+    rows overlap, which reading allows): one index and one copy per chunk
+    instead of per token.
     """
     bsz, heads, slots, d = store.shape
     _, _, tgt_len, kc = chunk_index.shape
-    token = chunk_index.unsqueeze(-1) * chunk_size + torch.arange(
-        chunk_size, device=chunk_index.device
-    )
-    base = (torch.arange(bsz * heads, device=chunk_index.device) * slots).view(
-        bsz, heads, 1, 1, 1
-    )
-    flat = (token + base).reshape(-1)
-    out = store.reshape(bsz * heads * slots, d).index_select(0, flat)
-    return out.view(bsz, heads, tgt_len, kc * chunk_size, d)
+    shape = (bsz, heads, tgt_len, kc * chunk_size, d)
+    dev = chunk_index.device
+    base = (torch.arange(bsz * heads, device=dev) * slots).view(bsz, heads, 1, 1)
+    if store.device.type == "cpu" and store.is_contiguous() and store.numel() > 0:
+        first = (chunk_index * chunk_size + base).reshape(-1)  # first slot of each chunk
+        rows = store.as_strided((store.numel() // d - chunk_size + 1, chunk_size * d), (d, 1))
+        return rows.index_select(0, first).view(shape)
+    token = chunk_index.unsqueeze(-1) * chunk_size + torch.arange(chunk_size, device=dev)
+    flat = (token + base.unsqueeze(-1)).reshape(-1)
+    return store.reshape(bsz * heads * slots, d).index_select(0, flat).view(shape)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
