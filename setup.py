@@ -43,6 +43,8 @@ setup(
             "longmem-eval-lm = fairseq_longmem.cli:eval_lm",
             "longmem-preprocess = fairseq_longmem.preprocess.prepare_corpus:main",
             "longmem-report = fairseq_longmem.eval.report:main",
+            "longmem-recall = fairseq_longmem.eval.recall:main",
+            "longmem-synthetic-recall = fairseq_longmem.data.synthetic_recall:main",
         ]
     },
 )

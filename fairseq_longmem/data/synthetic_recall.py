@@ -123,8 +123,8 @@ def spans_document(cfg: RecallCorpusConfig, rng: np.random.Generator
     """Random background with span copies and MQAR blocks at ``cfg.distances``.
 
     Returns the symbols ``(doc_tokens,)`` in ``[0, vocab)`` and the recurrences.
-    Placement is by rejection: sources and targets never overlap one another,
-    longest distances first (they have the fewest free places).
+    Placement is by rejection: sources and targets never overlap one another;
+    MQAR blocks first, then spans, longest distances first (fewest free places).
     """
     n = cfg.doc_tokens
     doc = rng.integers(0, cfg.vocab, n)
@@ -135,10 +135,10 @@ def spans_document(cfg: RecallCorpusConfig, rng: np.random.Generator
     jobs = [("span", d) for d in cfg.distances for _ in range(cfg.repeats)]
     if cfg.pairs:
         jobs += [("pair", d) for d in cfg.distances]
-    jobs.sort(key=lambda j: -j[1])
+    jobs.sort(key=lambda j: (j[0] != "pair", -j[1]))  # big blocks, then long distances first
     for kind, d in jobs:
         length = cfg.span if kind == "span" else block
-        for _ in range(200):
+        for _ in range(1000):
             a = int(rng.integers(0, n - d - length + 1))
             if _free(occupied, a, length) and _free(occupied, a + d, length):
                 break

@@ -1,10 +1,10 @@
 """Recall by distance: how well each model predicts text that recurs from far back.
 
-In held-out documents, a token is *recurring* when the ``n`` tokens before it
-(its context, ``n = 8`` by default) occurred earlier in the same document, so
-that copying what followed the earlier occurrence predicts it. Its *distance*
-is the gap to the most recent earlier occurrence (target position minus the
-position of the token that followed the earlier context). Recurring tokens are
+In held-out documents, a token is *recurring* when it and the ``n`` tokens
+before it (its context, ``n = 8`` by default) occurred earlier in the same
+document, so that copying what followed the earlier context predicts it. Its
+*distance* is the gap to the most recent earlier occurrence (target position
+minus the position of the earlier token). Recurring tokens are
 bucketed by distance against the model's local window ``W`` and memory size
 ``M``::
 
@@ -12,10 +12,9 @@ bucketed by distance against the model's local window ``W`` and memory size
 
 (edges at or above ``M`` are dropped, so a smaller memory keeps meaningful
 buckets, and ``[M, inf)`` is always "beyond the memory"). Every other token is
-one more row. Per bucket and model: count, loss, perplexity, top-1 accuracy,
-and ``copy_agrees``, the share of the bucket's tokens that copying the
-earlier continuation gets right (1 on the synthetic corpus, below 1 on
-natural text, where a recurring context may continue differently).
+split in two more rows: tokens whose context recurred with another token
+after it (copying would mislead), and the rest. Per row and model: count,
+loss, perplexity and top-1 accuracy.
 
 A memory of ``M`` tokens holds the ``M`` tokens before the current segment, so
 a token at distance ``d`` is in the local window when ``d`` is at most its
@@ -51,11 +50,12 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ recurrences
-def previous_occurrence(doc: np.ndarray, n: int = 8) -> np.ndarray:
-    """Distance of each token of ``doc`` ``(L,)`` to the token that followed the
-    most recent earlier occurrence of its ``n``-token context: ``p - q`` for the
-    largest ``q < p`` with ``doc[q-n:q] == doc[p-n:p]``; 0 where there is none
-    (``p < n`` or a new context). Exact (contexts compared as bytes), O(L log L)."""
+def previous_occurrence(doc: np.ndarray, n: int = 8, with_token: bool = False) -> np.ndarray:
+    """Distance of each token of ``doc`` ``(L,)`` to the most recent earlier
+    occurrence of its ``n``-token context: ``p - q`` for the largest ``q < p``
+    with ``doc[q-n:q] == doc[p-n:p]`` (and, with ``with_token``, also
+    ``doc[q] == doc[p]``: the token recurs with its context); 0 where there is
+    none (``p < n`` or a new context). Exact (compared as bytes), O(L log L)."""
     if n < 1:
         raise EvalError(f"--n {n}: the context must be at least 1 token")
     doc = np.ascontiguousarray(doc, dtype=np.int64)
@@ -63,11 +63,13 @@ def previous_occurrence(doc: np.ndarray, n: int = 8) -> np.ndarray:
     dist = np.zeros(L, dtype=np.int64)
     if L <= n:
         return dist
-    ctx = np.lib.stride_tricks.sliding_window_view(doc, n)[: L - n]  # context of p = i + n
-    keys = np.ascontiguousarray(ctx).view(np.dtype((np.void, 8 * n))).ravel()
+    w = n + 1 if with_token else n
+    grams = np.lib.stride_tricks.sliding_window_view(doc, w)[: L - n]  # row i ends at p = i + n
+    keys = np.ascontiguousarray(grams).view(np.dtype((np.void, 8 * w))).ravel()
     _, ids = np.unique(keys, return_inverse=True)
-    order = np.argsort(ids.ravel(), kind="stable")  # positions ascending within a context
-    same = ids.ravel()[order][1:] == ids.ravel()[order][:-1]
+    ids = ids.ravel()
+    order = np.argsort(ids, kind="stable")  # positions ascending within a context
+    same = ids[order][1:] == ids[order][:-1]
     later, earlier = order[1:][same], order[:-1][same]
     dist[later + n] = later - earlier
     return dist
@@ -95,33 +97,32 @@ def bucket_labels(edges: Sequence[int]) -> List[str]:
 
 # ---------------------------------------------------------------- evaluation
 def stream_distances(stream, n: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Per target token of ``stream`` in stream order (document by document):
-    its distance (0: not recurring) and whether copying predicts it."""
-    dists, agrees = [], []
+    """Per target token of ``stream`` in stream order (document by document): the
+    distance at which it recurred with its ``n``-token context (0: it did not),
+    and whether its context recurred at all (with the same or another token)."""
+    dists, ctx = [], []
     for s, length in zip(stream.doc_starts, stream.doc_lengths):
         doc = np.asarray(stream.tokens[s + 1 : s + 1 + length])
-        d = previous_occurrence(doc, n)
-        src = np.arange(len(doc)) - d
-        dists.append(d)
-        agrees.append((d > 0) & (doc[np.maximum(src, 0)] == doc))
+        dists.append(previous_occurrence(doc, n, with_token=True))
+        ctx.append(previous_occurrence(doc, n) > 0)
     if not dists:
         return np.zeros(0, np.int64), np.zeros(0, bool)
-    return np.concatenate(dists), np.concatenate(agrees)
+    return np.concatenate(dists), np.concatenate(ctx)
 
 
-def _row(label, lo, hi, losses: TokenLosses, sel: np.ndarray, agrees: np.ndarray) -> Dict:
+def _row(label, lo, hi, losses: TokenLosses, sel: np.ndarray) -> Dict:
     k = int(sel.sum())
     nll = float(losses.nll[sel].mean()) if k else float("nan")
     acc = float(losses.correct[sel].mean()) if k and losses.correct is not None else float("nan")
     return {"label": label, "lo": lo, "hi": hi, "tokens": k, "nll": nll,
-            "ppl": math.exp(nll) if k else float("nan"), "top1": acc,
-            "copy_agrees": float(agrees[sel].mean()) if k else float("nan")}
+            "ppl": math.exp(nll) if k else float("nan"), "top1": acc}
 
 
-def recall_table(losses: TokenLosses, dist: np.ndarray, agrees: np.ndarray,
+def recall_table(losses: TokenLosses, dist: np.ndarray, context_recurs: np.ndarray,
                  edges: Sequence[int]) -> Dict:
-    """``{"buckets": [row ...], "other": row}`` for one model; ``dist``/``agrees``
-    are per token in the order of ``losses`` (stream order)."""
+    """``{"buckets": [row ...], "context_only": row, "other": row, "overall": row}``
+    for one model; ``dist``/``context_recurs`` per token in the order of ``losses``
+    (stream order). ``context_only``: the context recurred, but with another token."""
     if len(dist) != len(losses.nll):
         raise EvalError(f"{len(dist)} distances for {len(losses.nll)} scored tokens")
     lows = [1] + list(edges)
@@ -130,10 +131,14 @@ def recall_table(losses: TokenLosses, dist: np.ndarray, agrees: np.ndarray,
     rows = []
     for lo, hi, label in zip(lows, highs, labels):
         sel = (dist >= lo) & ((dist < hi) if hi is not None else True)
-        rows.append(_row(label, lo, hi, losses, sel, agrees))
-    other = _row("other tokens", 0, 0, losses, dist == 0, agrees)
-    return {"buckets": rows, "other": other, "overall": _row("all", 0, None, losses,
-                                                             np.ones(len(dist), bool), agrees)}
+        rows.append(_row(label, lo, hi, losses, sel))
+    return {
+        "buckets": rows,
+        "context_only": _row("context recurs, token differs", 0, 0, losses,
+                             (dist == 0) & context_recurs),
+        "other": _row("other tokens", 0, 0, losses, (dist == 0) & ~context_recurs),
+        "overall": _row("all", 0, None, losses, np.ones(len(dist), bool)),
+    }
 
 
 def load_stream(task, split: str, max_documents: Optional[int] = None):
@@ -171,14 +176,14 @@ def evaluate(loaded, split: str = "test", n: int = 8, memory_size: Optional[int]
     memory_size = int(memory_size or (max(sizes) if sizes else 65536))
     edges = distance_edges(window, memory_size)
     stream = load_stream(loaded[0].task, split, max_documents)
-    dist, agrees = stream_distances(stream, n)
+    dist, context_recurs = stream_distances(stream, n)
     models = {}
     for lm in loaded:
         losses = stream_token_losses(lm.model, lm.task, stream, batch_size=batch_size)
         models[lm.name] = {"path": lm.path, "kind": lm.kind, "memory": lm.uses_memory,
                            "memory_size": memory_size_of(lm.model),
                            "tokens_per_sample": lm.tokens_per_sample,
-                           **recall_table(losses, dist, agrees, edges)}
+                           **recall_table(losses, dist, context_recurs, edges)}
         logger.info("recall: %s done", lm.name)
     return {"split": split, "n": n, "window": window, "memory_size": memory_size,
             "edges": edges, "labels": bucket_labels(edges),
@@ -199,17 +204,19 @@ def markdown_table(result: Dict) -> str:
     """One row per distance bucket and one for the other tokens; per model
     top-1 accuracy and perplexity."""
     names = list(result["models"])
-    head = ("| distance (tokens) | tokens | copy agrees | "
+    head = ("| distance (tokens) | tokens | "
             + " | ".join(f"{n} top-1 | {n} ppl" for n in names) + " |")
-    lines = [head, "|---|---:|---:|" + "---:|---:|" * len(names)]
-    first = result["models"][names[0]]
-    for i, row in enumerate(first["buckets"] + [first["other"]]):
+    lines = [head, "|---|---:|" + "---:|---:|" * len(names)]
+
+    def rows(res):
+        return res["buckets"] + [res["context_only"], res["other"]]
+
+    for i, row in enumerate(rows(result["models"][names[0]])):
         cells = []
         for n in names:
-            r = (result["models"][n]["buckets"] + [result["models"][n]["other"]])[i]
+            r = rows(result["models"][n])[i]
             cells += [_pct(r["top1"]), _num(r["ppl"])]
-        agree = _pct(row["copy_agrees"]) if row["label"] != "other tokens" else ""
-        lines.append(f"| {row['label']} | {row['tokens']} | {agree} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['label']} | {row['tokens']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +269,7 @@ def report_section(loaded, split: str, out: str, n: int = 8,
         f"Tokens whose {n}-token context occurred earlier in the same document, by distance "
         f"to that occurrence (window {res['window']}, memory {res['memory_size']} tokens; "
         f"{res['recurring_tokens']} of {res['tokens']} tokens recur). Top-1 accuracy and "
-        "perplexity per model; `copy agrees` is the share that copying gets right.", "",
+        "perplexity per model.", "",
         markdown_table(res), "![recall by distance](recall_by_distance.png)", "",
     ]
     return res, lines
