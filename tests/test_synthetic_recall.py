@@ -62,6 +62,10 @@ def test_dense_documents_repeat_within_the_gap_from_a_small_alphabet():
         for _, s, t, length in rec:
             assert 8 <= length <= 16 and length <= t - s <= length + 20
             assert np.array_equal(doc[s:s + length], doc[t:t + length])
+    docs, recs = generate(RecallCorpusConfig(kind="dense", docs=1, doc_tokens=500, span=6,
+                                             span_min=6, max_gap=0, copies=4), "train")
+    assert [t - s for _, s, t, _ in recs[0][:3]] == [6, 12, 18]
+    assert np.array_equal(docs[0][:6], docs[0][18:24])
 
 
 def test_the_stream_task_loads_it(tmp_path):

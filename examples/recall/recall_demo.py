@@ -2,8 +2,8 @@
 
 Steps (everything under --workdir, each visible as it runs):
   1. corpus: a synthetic recall corpus (fairseq_longmem.data.synthetic_recall):
-     dense in-window repeats from small per-document alphabets for the
-     backbone, documents whose spans and key-value pairs recur far back for
+     dense in-window repeats for the backbone (spans read four times in a
+     row), documents whose spans and key-value pairs recur far back for
      adaptation and the test; or --corpus DIR (a folder of text documents,
      preprocessed as the quickstart does);
   2. stage 1: pretrain a small ALiBi backbone with stock fairseq-train, in
@@ -40,16 +40,18 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=str(REPO / "workdir" / "recall"))
     p.add_argument("--corpus", default=None, help="folder of text documents (default: synthetic)")
     p.add_argument("--vocab", type=int, default=64, help="synthetic symbols")
-    p.add_argument("--alphabet", type=int, default=16,
-                   help="symbols per backbone pretraining document (forces multi-token copying)")
+    p.add_argument("--spm-vocab", type=int, default=4000, help="--corpus: sentencepiece vocabulary")
+    p.add_argument("--alphabet", type=int, default=0,
+                   help="symbols per backbone pretraining document (0: all; fewer force "
+                   "multi-token copying, but induction forms far more slowly)")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--window", type=int, default=128, help="tokens per segment (local window)")
+    p.add_argument("--window", type=int, default=64, help="tokens per segment (local window)")
     p.add_argument("--backbone-lr", type=float, default=3e-3)
-    p.add_argument("--backbone-batch", type=int, default=32)
-    p.add_argument("--backbone-round", type=int, default=200, help="steps between copy probes")
-    p.add_argument("--backbone-max-steps", type=int, default=1200)
+    p.add_argument("--backbone-batch", type=int, default=16)
+    p.add_argument("--backbone-round", type=int, default=500, help="steps between copy probes")
+    p.add_argument("--backbone-max-steps", type=int, default=2000)
     p.add_argument("--gate-induction", type=float, default=0.5)
     p.add_argument("--gate-ratio", type=float, default=0.2)
     p.add_argument("--retrieval-layer-index", type=int, default=None, help="default: the last layer")
@@ -111,9 +113,11 @@ def synthetic_corpus(args, work: Path):
     bb, rc = work / "data-backbone", work / "data-recall"
     if not (bb / "train.idx").exists():
         steps = args.backbone_max_steps
-        tokens = max(64 * W, steps * args.backbone_batch * W // 3)  # about 3 epochs at most
-        dense = dict(kind="dense", vocab=args.vocab, span=args.span, span_min=8,
-                     max_gap=max(8, W // 2 - args.span), alphabet=args.alphabet)
+        tokens = max(64 * W, steps * args.backbone_batch * W)  # fresh data at every step
+        # dense repeats: spans of 4-16 tokens read 4 times in a row (3/4 of the tokens
+        # can be copied), a little filler between units
+        dense = dict(kind="dense", vocab=args.vocab, span=16, span_min=4, max_gap=4, copies=4,
+                     alphabet=args.alphabet)
         doc = 4096 if not args.tiny else 512
         write_split(str(bb), "train", RecallCorpusConfig(docs=max(2, tokens // doc), doc_tokens=doc, **dense))
         write_split(str(bb), "valid", RecallCorpusConfig(docs=2, doc_tokens=doc, **dense))
@@ -125,7 +129,7 @@ def synthetic_corpus(args, work: Path):
         pairs = 4
         spans = dict(kind="spans", vocab=args.vocab, span=S, pairs=pairs, key_len=8, value_len=2)
         doc = max(Mt + 4 * W, 8 * len(train_d) * (S + 10 * pairs))
-        repeats = max(1, doc // (6 * S * len(train_d)))  # about a third of each document recurs
+        repeats = max(1, doc // (3 * S * len(train_d)))  # about 2/3 of each document recurs
         write_split(str(rc), "train", RecallCorpusConfig(
             docs=max(args.adapt_batch, -(-train_tokens // doc)), doc_tokens=doc,
             distances=train_d, repeats=repeats, **spans))
@@ -137,9 +141,10 @@ def synthetic_corpus(args, work: Path):
         test_d = sorted({int(math.sqrt(lo * hi)) for lo, hi in zip(lows, edges) if hi > S}
                         | {M + 2 * W + M // 8})
         test_d = [max(d, S) for d in test_d]
-        doc = max(test_d) + 4 * W
+        repeats = 6 if not args.tiny else 3
+        doc = max(test_d) + 3 * (repeats * S + 10 * pairs) + 4 * W  # room for the farthest ones
         write_split(str(rc), "test", RecallCorpusConfig(
-            docs=args.test_docs, doc_tokens=doc, distances=test_d, repeats=6 if not args.tiny else 3,
+            docs=args.test_docs, doc_tokens=doc, distances=test_d, repeats=repeats,
             seed=2, **spans))
         write_split(str(rc), "valid", RecallCorpusConfig(
             docs=2, doc_tokens=max(8 * W, 4 * S + 2 * W), distances=[2 * W], repeats=2, seed=3,
@@ -152,7 +157,7 @@ def text_corpus(args, work: Path):
 
     prep = work / "prep"
     if not (prep / "data-bin" / "test.idx").exists():
-        prepare_corpus(Path(args.corpus), prep, vocab_size=args.vocab, workers=args.threads,
+        prepare_corpus(Path(args.corpus), prep, vocab_size=args.spm_vocab, workers=args.threads,
                        valid_frac=0.05, test_frac=0.05, seed=1, spm_input_sentence_size=100_000)
     data = prep / "data-bin"
     return data, data
@@ -191,7 +196,7 @@ def train_backbone(args, data: Path, work: Path, probe_stream_fn):
              "--decoder-attention-heads", args.heads, "--dropout", 0.0,
              "--sample-break-mode", "none", "--tokens-per-sample", args.window,
              "--batch-size", args.backbone_batch, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
-             "--lr", args.backbone_lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 50,
+             "--lr", args.backbone_lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 30,
              "--clip-norm", 1.0, "--max-update", steps, "--save-dir", save, "--cpu",
              "--no-epoch-checkpoints", "--disable-validation", "--log-interval", 50,
              "--log-format", "simple", "--seed", 1, "--num-workers", 0],
@@ -281,8 +286,8 @@ def main(argv=None):
     times["recall_eval_s"] = time.time() - t
     t = time.time()
     stream = recall.load_stream(models[2].task, "test")
-    length = min(args.probe_length, int(stream.doc_lengths.min()))
-    sr = {name: second_reading(lm.model, lm.task, stream, length=length, min_length=length)
+    length = min(args.probe_length, int(stream.doc_lengths.max()))
+    sr = {name: second_reading(lm.model, lm.task, stream, length=length, min_length=min(256, length))
           for name, lm in (("longmem", models[2]), ("ablation", models[1]))}
     times["second_reading_s"] = time.time() - t
 

@@ -11,9 +11,9 @@ back predicts the recurrence:
   pairs (keys ``--key-len`` tokens, values ``--value-len`` tokens) written
   once and queried, in another order, at each distance of ``--distances``;
 * ``dense`` documents (a curriculum for pretraining a backbone to copy in
-  context): units ``[x, y, x]`` with ``x`` a random span of ``--span-min``
-  .. ``--span`` tokens and ``y`` random filler of up to ``--max-gap``
-  tokens, so that every recurrence is within a short window. With
+  context): units ``[x, y, x, ...]`` with ``x`` a random span of ``--span-min``
+  .. ``--span`` tokens (``--copies`` times) and ``y`` random filler of up to
+  ``--max-gap`` tokens, so that every recurrence is within a short window. With
   ``--alphabet A < V`` each document draws its tokens from ``A`` random
   symbols only: short contexts then recur by chance, and copying needs the
   last several tokens, not the last one (the keys of a backbone trained this
@@ -77,6 +77,7 @@ class RecallCorpusConfig:
     span_min: int = 8
     max_gap: int = 32
     alphabet: int = 0  # 0: the whole vocabulary
+    copies: int = 2
 
     def check(self) -> None:
         if self.kind not in ("spans", "dense"):
@@ -86,6 +87,8 @@ class RecallCorpusConfig:
         if self.kind == "dense":
             if not 1 <= self.span_min <= self.span:
                 raise SyntheticCorpusError(f"need 1 <= --span-min ({self.span_min}) <= --span ({self.span})")
+            if self.copies < 2:
+                raise SyntheticCorpusError(f"--copies {self.copies}: a unit needs at least 2 copies")
             if self.alphabet and not 2 <= self.alphabet <= self.vocab:
                 raise SyntheticCorpusError(f"--alphabet {self.alphabet}: use 2..--vocab ({self.vocab}), or 0")
             return
@@ -163,7 +166,8 @@ def spans_document(cfg: RecallCorpusConfig, rng: np.random.Generator
 
 def dense_document(cfg: RecallCorpusConfig, rng: np.random.Generator
                    ) -> Tuple[np.ndarray, List[Recurrence]]:
-    """Units ``[x, y, x]`` (span, filler, span) until ``doc_tokens``; one alphabet per document."""
+    """Units ``[x, y, x, ..., x]`` (span, filler, ``copies - 1`` more copies of the
+    span) until ``doc_tokens``; one alphabet per document."""
     alphabet = rng.choice(cfg.vocab, cfg.alphabet, replace=False) if cfg.alphabet else None
     out: List[np.ndarray] = []
     rec: List[Recurrence] = []
@@ -175,9 +179,10 @@ def dense_document(cfg: RecallCorpusConfig, rng: np.random.Generator
         if alphabet is not None:
             draw = alphabet[draw]
         x, y = draw[:s], draw[s:]
-        out += [x, y, x]
-        rec.append(("span", pos, pos + s + g, s))
-        pos += 2 * s + g
+        out += [x, y] + [x] * (cfg.copies - 1)
+        for c in range(1, cfg.copies):
+            rec.append(("span", pos, pos + s * c + g, s))
+        pos += cfg.copies * s + g
     doc = np.concatenate(out)[: cfg.doc_tokens]
     rec = [r for r in rec if r[2] + r[3] <= cfg.doc_tokens]
     return doc, rec
@@ -259,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-len", type=int, default=d.value_len)
     p.add_argument("--span-min", type=int, default=d.span_min, help="dense: shortest span")
     p.add_argument("--max-gap", type=int, default=d.max_gap, help="dense: most filler between copies")
+    p.add_argument("--copies", type=int, default=d.copies, help="dense: copies of each span")
     p.add_argument("--alphabet", type=int, default=d.alphabet,
                    help="dense: symbols per document (0: all); small values force multi-token copying")
     return p
@@ -273,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             seed=args.seed, distances=parse_ints(args.distances, "--distances"), span=args.span,
             repeats=args.repeats, pairs=args.pairs, key_len=args.key_len,
             value_len=args.value_len, span_min=args.span_min, max_gap=args.max_gap,
-            alphabet=args.alphabet,
+            alphabet=args.alphabet, copies=args.copies,
         )
         info = write_split(args.out, args.split, cfg)
     except LongMemError as e:

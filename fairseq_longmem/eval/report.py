@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 
 from ..errors import LongMemError
 from ..modules.memory_bank import MemoryConfigError
-from . import bucketed_ppl, chapter_break, icl
+from . import bucketed_ppl, chapter_break, icl, recall
 from .checkpoints import encoder_factory, write_json
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", default=",".join(str(e) for e in bucketed_ppl.DEFAULT_EDGES))
     p.add_argument("--max-documents", type=int, default=None)
     p.add_argument("--skip-ppl", action="store_true")
+    p.add_argument("--skip-recall", action="store_true", help="skip recall by distance")
     # chapter break
     p.add_argument("--chapter-break", default=None, help="ChapterBreak JSON (released layout)")
     p.add_argument("--chapter-subset", default=None, help="e.g. ao3 or pg19")
@@ -182,6 +183,14 @@ def run(args) -> Dict:
         report["perplexity"] = ppl
         report["timings"]["perplexity_s"] = round(time.time() - t, 2)
         md += _section_ppl(ppl, out)
+
+    # 1b. recall by distance (fairseq_longmem.eval.recall)
+    if not args.skip_recall:
+        t = time.time()
+        report["recall"], lines = recall.report_section(loaded, args.split, out,
+                                                        max_documents=args.max_documents)
+        report["timings"]["recall_s"] = round(time.time() - t, 2)
+        md += lines
 
     # 2. chapter break
     if not args.skip_chapter_break:
