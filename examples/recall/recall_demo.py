@@ -129,7 +129,7 @@ def synthetic_corpus(args, work: Path):
         pairs = 4
         spans = dict(kind="spans", vocab=args.vocab, span=S, pairs=pairs, key_len=8, value_len=2)
         doc = max(Mt + 4 * W, 8 * len(train_d) * (S + 10 * pairs))
-        repeats = max(1, doc // (3 * S * len(train_d)))  # about 2/3 of each document recurs
+        repeats = max(1, doc // (4 * S * len(train_d)))  # about half of each document recurs
         write_split(str(rc), "train", RecallCorpusConfig(
             docs=max(args.adapt_batch, -(-train_tokens // doc)), doc_tokens=doc,
             distances=train_d, repeats=repeats, **spans))
