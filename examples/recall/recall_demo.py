@@ -130,6 +130,8 @@ def synthetic_corpus(args, work: Path):
         spans = dict(kind="spans", vocab=args.vocab, span=S, pairs=pairs, key_len=8, value_len=2)
         doc = max(Mt + 4 * W, 8 * len(train_d) * (S + 10 * pairs))
         repeats = max(1, doc // (4 * S * len(train_d)))  # about half of each document recurs
+        if args.tiny:
+            repeats = 3
         write_split(str(rc), "train", RecallCorpusConfig(
             docs=max(args.adapt_batch, -(-train_tokens // doc)), doc_tokens=doc,
             distances=train_d, repeats=repeats, **spans))

@@ -126,8 +126,9 @@ def spans_document(cfg: RecallCorpusConfig, rng: np.random.Generator
     """Random background with span copies and MQAR blocks at ``cfg.distances``.
 
     Returns the symbols ``(doc_tokens,)`` in ``[0, vocab)`` and the recurrences.
-    Placement is by rejection: sources and targets never overlap one another;
-    MQAR blocks first, then spans, longest distances first (fewest free places).
+    Sources are drawn at random until neither the source nor its target
+    overlaps an earlier one (after 1,000 misses, among all places still free);
+    MQAR blocks first, then spans, longest distances first (fewest places).
     """
     n = cfg.doc_tokens
     doc = rng.integers(0, cfg.vocab, n)
@@ -145,11 +146,16 @@ def spans_document(cfg: RecallCorpusConfig, rng: np.random.Generator
             a = int(rng.integers(0, n - d - length + 1))
             if _free(occupied, a, length) and _free(occupied, a + d, length):
                 break
-        else:
-            raise SyntheticCorpusError(
-                f"no room for a {kind} recurrence at distance {d} in a {n}-token document; "
-                "raise --doc-tokens or lower --repeats/--pairs"
-            )
+        else:  # crowded: draw among all the places that are still free
+            cum = np.concatenate([[0], np.cumsum(occupied)])
+            free = cum[length:] == cum[:-length]  # free[a]: [a, a + length) is unoccupied
+            ok = np.nonzero(free[: n - d - length + 1] & free[d:])[0]
+            if len(ok) == 0:
+                raise SyntheticCorpusError(
+                    f"no room for a {kind} recurrence at distance {d} in a {n}-token "
+                    "document; raise --doc-tokens or lower --repeats/--pairs"
+                )
+            a = int(rng.choice(ok))
         occupied[a:a + length] = True
         occupied[a + d:a + d + length] = True
         if kind == "span":
