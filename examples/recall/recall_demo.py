@@ -67,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--test-docs", type=int, default=1)
     p.add_argument("--probe-length", type=int, default=1024)
     p.add_argument("--n", type=int, default=8, help="recall: context tokens that must recur")
+    p.add_argument("--max-eval-docs", type=int, default=12, help="test documents evaluated (0: all)")
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--tiny", action="store_true", help="seconds-scale smoke run (tests)")
     args = p.parse_args(argv)
@@ -75,7 +76,7 @@ def parse_args(argv=None):
         args.backbone_round, args.backbone_max_steps, args.backbone_batch = 20, 20, 8
         args.adapt_steps, args.adapt_batch = 6, 2
         args.train_memory_size, args.memory_size, args.k = 256, 1024, 8
-        args.span, args.probe_length = 16, 128
+        args.span, args.probe_length, args.spm_vocab = 16, 128, 300
     if args.memory_size < args.train_memory_size:
         p.error("--memory-size must be at least --train-memory-size")
     if args.retrieval_layer_index is None:
@@ -284,10 +285,12 @@ def main(argv=None):
         load_for_eval(str(ab_ckpt), data=str(rc_data), device="cpu", name="ablation"),
         load_for_eval(str(lm_ckpt), data=str(rc_data), overrides=over, device="cpu", name="longmem"),
     ]
-    res = recall.evaluate(models, "test", n=args.n, memory_size=args.memory_size)
+    max_docs = args.max_eval_docs or None
+    res = recall.evaluate(models, "test", n=args.n, memory_size=args.memory_size,
+                          max_documents=max_docs)
     times["recall_eval_s"] = time.time() - t
     t = time.time()
-    stream = recall.load_stream(models[2].task, "test")
+    stream = recall.load_stream(models[2].task, "test", max_docs)
     length = min(args.probe_length, int(stream.doc_lengths.max()))
     sr = {name: second_reading(lm.model, lm.task, stream, length=length, min_length=min(256, length))
           for name, lm in (("longmem", models[2]), ("ablation", models[1]))}
