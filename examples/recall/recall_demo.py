@@ -76,7 +76,7 @@ def parse_args(argv=None):
         args.backbone_round, args.backbone_max_steps, args.backbone_batch = 20, 20, 8
         args.adapt_steps, args.adapt_batch = 6, 2
         args.train_memory_size, args.memory_size, args.k = 256, 1024, 8
-        args.span, args.probe_length, args.spm_vocab = 16, 128, 300
+        args.span, args.probe_length, args.spm_vocab = 16, 128, 600
     if args.memory_size < args.train_memory_size:
         p.error("--memory-size must be at least --train-memory-size")
     if args.retrieval_layer_index is None:
