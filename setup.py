@@ -50,6 +50,8 @@ setup(
             "longmem-report = fairseq_longmem.eval.report:main",
             "longmem-generate = fairseq_longmem.generate:main",
             "longmem-import-hf = fairseq_longmem.hf_gpt2:main",
+            "longmem-recall = fairseq_longmem.eval.recall:main",
+            "longmem-synthetic-recall = fairseq_longmem.data.synthetic_recall:main",
         ]
     },
 )

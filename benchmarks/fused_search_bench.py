@@ -54,7 +54,7 @@ def bench(args) -> dict:
         "fused_available": fused_search_available(dev),
         "first_call_s": compile_s,
         "fused_ms": timeit(lambda: fused_topk_chunks(q, ck, valid, kc), args.reps),
-        "best_config": str(getattr(_topk_chunks_kernel, "best_config", None)),
+        "best_config": str(getattr(fused_search._topk_chunks_kernel, "best_config", None)),
     }
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

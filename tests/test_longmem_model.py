@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import build_longmem, setup_stream_task
+from conftest import build_longmem
 from fairseq_longmem.models.backbone import BackboneError
 from fairseq_longmem.models.memory_lm import segment_boundaries
 from fairseq_longmem.modules.decoder_layer import decoder_forward

@@ -1,6 +1,5 @@
 """Resume after SIGKILL, determinism, exact memory replay, bf16 on CPU."""
 
-import copy
 import math
 import os
 import signal
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PLUGIN_DIR, REPO_ROOT, build_longmem, run_fairseq
+from conftest import PLUGIN_DIR, REPO_ROOT, build_longmem
 from fairseq_longmem.eval.token_losses import document_stream
 from test_training import losses, out, train_args
 

@@ -36,6 +36,7 @@ def test_report_quick_end_to_end(tiny_data, tiny_backbone, tmp_path):
         assert heading in md
     assert "| bucket (doc. tokens) | documents | tokens | backbone | nomem | memtrm | longmem |" in md
     assert "| <1K |" in md and "**overall**" in md
+    assert "## Recall by distance" in md and (out / "recall_by_distance.png").exists()
     assert "| chance | 16.7% |" in md
     assert "| sst2 | longmem |" in md and "| subj | memtrm |" in md
     for png in ("ppl_buckets.png", "loss_by_position.png", "icl_accuracy.png"):

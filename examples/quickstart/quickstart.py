@@ -18,7 +18,6 @@ Writes results.json, a loss-against-position plot and a table.
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -121,7 +120,7 @@ def main(argv=None):
     else:
         corpus = work / "corpus"
         if not corpus.exists():
-            n = build_stdlib_corpus(corpus, max_docs=40 if args.tiny else None)
+            build_stdlib_corpus(corpus, max_docs=40 if args.tiny else None)
         corpus_name = "python-stdlib-sources"
     prep = work / "prep"
     stage("2/5 preprocess (split by document, sentencepiece, fairseq-preprocess)")

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from . import bucketed_ppl, chapter_break, icl
+from . import bucketed_ppl, chapter_break, icl, recall
 from .cli_common import add_common_args, load_all, run_command, write_json
 from .text_encoding import encoder_factory
 
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", default=",".join(str(e) for e in bucketed_ppl.DEFAULT_EDGES))
     p.add_argument("--max-documents", type=int, default=None)
     p.add_argument("--skip-ppl", action="store_true")
+    p.add_argument("--skip-recall", action="store_true", help="skip recall by distance")
     # chapter break
     p.add_argument("--chapter-break", default=None, help="ChapterBreak JSON (released layout)")
     p.add_argument("--chapter-subset", default=None, help="e.g. ao3 or pg19")
@@ -178,6 +179,14 @@ def run(args) -> Dict:
         report["perplexity"] = ppl
         report["timings"]["perplexity_s"] = round(time.time() - t, 2)
         md += _section_ppl(ppl, out)
+
+    # 1b. recall by distance (fairseq_longmem.eval.recall)
+    if not args.skip_recall:
+        t = time.time()
+        report["recall"], lines = recall.report_section(loaded, args.split, out,
+                                                        max_documents=args.max_documents)
+        report["timings"]["recall_s"] = round(time.time() - t, 2)
+        md += lines
 
     # 2. chapter break
     if not args.skip_chapter_break:

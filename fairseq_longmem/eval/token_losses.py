@@ -22,19 +22,22 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TokenLosses:
     """nll: natural-log loss per target token; doc: its document index;
-    pos: its 0-based position in the document; doc_lengths: tokens per document."""
+    pos: its 0-based position in the document; doc_lengths: tokens per document;
+    correct: whether the model's top-1 prediction was the target (bool)."""
 
     nll: np.ndarray
     doc: np.ndarray
     pos: np.ndarray
     doc_lengths: np.ndarray
+    correct: Optional[np.ndarray] = None
 
     @property
     def perplexity(self) -> float:
         return float(math.exp(self.nll.mean())) if len(self.nll) else float("nan")
 
     def select(self, mask: np.ndarray) -> "TokenLosses":
-        return TokenLosses(self.nll[mask], self.doc[mask], self.pos[mask], self.doc_lengths)
+        correct = None if self.correct is None else self.correct[mask]
+        return TokenLosses(self.nll[mask], self.doc[mask], self.pos[mask], self.doc_lengths, correct)
 
 
 def document_stream(docs, eos: int, name: str = "probe") -> DocumentStream:
@@ -68,7 +71,7 @@ def stream_token_losses(
     batches = task.stream_batches(stream, batch_size)
     pad = task.source_dictionary.pad()
     T = batches.tokens_per_sample
-    nll_all, pos_all = [], []
+    nll_all, pos_all, top1_all = [], [], []
     for t in range(len(batches)):
         sample = batches.collater([batches[t]])
         net_input = {
@@ -85,6 +88,7 @@ def stream_token_losses(
             + torch.arange(target.size(1), device=device)[None, :]
         )
         nll_all.append(nll[keep].cpu().numpy())
+        top1_all.append(lprobs.argmax(-1).eq(target)[keep].cpu().numpy())
         pos_all.append(input_pos[keep].cpu().numpy())
         if on_batch is not None:
             on_batch(t, sample, extra)
@@ -92,8 +96,9 @@ def stream_token_losses(
             logger.info("%s: batch %d/%d", stream.name, t + 1, len(batches))
     nll = np.concatenate(nll_all) if nll_all else np.zeros(0)
     input_pos = np.concatenate(pos_all) if pos_all else np.zeros(0, dtype=np.int64)
+    correct = np.concatenate(top1_all) if top1_all else np.zeros(0, dtype=bool)
     order = np.argsort(input_pos, kind="stable")
-    nll, input_pos = nll[order], input_pos[order]
+    nll, input_pos, correct = nll[order], input_pos[order], correct[order]
     doc = np.searchsorted(stream.doc_starts, input_pos, side="right") - 1
     pos = input_pos - stream.doc_starts[doc]
-    return TokenLosses(nll, doc, pos, stream.doc_lengths)
+    return TokenLosses(nll, doc, pos, stream.doc_lengths, correct)
