@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fairseq_longmem.eval.checkpoints import EvalError
+from fairseq_longmem.eval import EvalError
 from fairseq_longmem.eval.recall import (
     bucket_labels,
     distance_edges,

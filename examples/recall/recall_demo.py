@@ -239,7 +239,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    from fairseq_longmem.eval.checkpoints import load_for_eval
+    from fairseq_longmem.eval.model_loading import load_for_eval
     from fairseq_longmem.eval.copy_probe import copy_probe, repeated_spans
     from fairseq_longmem.eval import recall
     from fairseq_longmem.eval.second_reading import second_reading
@@ -318,7 +318,7 @@ def main(argv=None):
 
 
 def recall_json_safe(obj):
-    from fairseq_longmem.eval.checkpoints import json_safe
+    from fairseq_longmem.eval.cli_common import json_safe
 
     return json_safe(obj)
 
