@@ -251,7 +251,10 @@ def _run_units(fn: Callable[[Dict[str, Any]], Dict[str, Any]], tasks: List[Dict[
         finally:
             set_progress(None)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork: tokenizer threads, torch
+    # fork where there is one: a spawned worker would import the whole plugin (torch, fairseq)
+    # again, seconds and hundreds of MB each; the workers use numpy and the tokenizer only
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     q = ctx.Queue()
     with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                              initializer=init_worker, initargs=(q,)) as pool:
