@@ -22,7 +22,7 @@ _HEADER = len(_MAGIC) + 8 + 1 + 8  # magic, version, dtype code, number of items
 _CODES = {np.dtype(t): c for c, t in {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                                       6: np.float64, 8: np.uint16, 9: np.uint32, 10: np.uint64}.items()}
 _DTYPES = {c: t for t, c in _CODES.items()}
-_CHUNK = 1 << 20  # items per streamed block
+_CHUNK = 1 << 18  # items per streamed block
 
 Prefix = Union[str, "os.PathLike[str]"]
 

@@ -97,7 +97,7 @@ MODEL_TYPES = ("unigram", "bpe")
 DEFAULT_SPM_SAMPLE_CHARS = 100_000_000
 MANIFEST = "manifest.json"
 _MANIFEST_VERSION = 1
-_INSPECT_CHUNK = 1 << 24  # tokens per block when checking the output
+_INSPECT_CHUNK = 1 << 22  # tokens per block when checking the output
 
 
 # --------------------------------------------------------------------------- dictionary

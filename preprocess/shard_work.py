@@ -31,7 +31,7 @@ from .documents import Document, InputUnit, PreprocessError, document_lines, ite
 from .mmap_writer import MMapWriter
 from .splitting import SPLITS, unit_assignment
 
-_ENCODE_LINES = 8192  # lines per sentencepiece encode call
+_ENCODE_LINES = 4096  # lines per sentencepiece encode call (bounds the memory of a batch)
 _ENCODE_DOCS = 64  # documents per HF encode call
 _REPORT_S = 0.25  # seconds between progress reports
 

@@ -239,18 +239,21 @@ def test_killed_run_restarts_where_it_stopped(tmp_path):
 
 
 def test_memory_stays_bounded(tmp_path):
-    """~50 MB of text: the Python heap peak stays far below the corpus (no list of documents)."""
-    corpus = preprocess_speed.generate_corpus(tmp_path / "c", 50_000_000, shards=4, seed=1)
-    assert corpus["text_bytes"] >= 50_000_000
-    tracemalloc.start()
-    try:
-        info = prepare_corpus(tmp_path / "c", tmp_path / "o", vocab_size=VOCAB, workers=1,
-                              spm_sample_chars=2_000_000, write_raw=False)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert info["documents"] == corpus["documents"] and info["tokens"] > 10_000_000
-    assert peak < 25_000_000, peak  # sample (2M chars) + one encode batch
+    """6 MB and 48 MB of text: the Python heap peak does not grow with the corpus and stays far
+    below it (no list of documents; the sample, one encode batch and fixed-size blocks)."""
+    peaks = {}
+    for mb in (6, 48):
+        corpus = preprocess_speed.generate_corpus(tmp_path / f"c{mb}", mb * 1_000_000, shards=4, seed=1)
+        tracemalloc.start()
+        try:
+            info = prepare_corpus(tmp_path / f"c{mb}", tmp_path / f"o{mb}", vocab_size=400, workers=1,
+                                  spm_sample_chars=2_000_000, write_raw=False)
+            peaks[mb] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert info["documents"] == corpus["documents"]
+    assert info["tokens"] > 10_000_000
+    assert peaks[48] < 35_000_000 and peaks[48] - peaks[6] < 10_000_000, peaks
 
 
 def test_mmap_writer_is_fairseq_builder_byte_for_byte(tmp_path):
