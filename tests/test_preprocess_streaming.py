@@ -285,3 +285,13 @@ def test_quick_benchmark(tmp_path):
     assert summary["runs"][0]["tokens"] == summary["runs"][1]["tokens"] > 1_000_000
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in summary["runs"])
     assert not (tmp_path / "b").exists()  # deleted after measuring
+
+
+def test_progress_bar_on_stderr(tmp_path, capsys):
+    corpus = tmp_path / "c"
+    _shard_corpus(corpus, n_shards=2, docs=20)
+    prepare_corpus(corpus, tmp_path / "o", vocab_size=VOCAB, workers=2, progress=True)
+    err = capsys.readouterr().err
+    assert "scan" in err and "binarize" in err and "40/40" in err and "tok/s" in err
+    prepare_corpus(corpus, tmp_path / "q", vocab_size=VOCAB, workers=1, progress=False)
+    assert "tok/s" not in capsys.readouterr().err
