@@ -1,336 +1,106 @@
-"""Raw documents -> binarized fairseq dataset that keeps document boundaries.
+"""Raw documents -> binarized fairseq dataset that keeps document boundaries, streaming.
 
 Usage::
 
-    longmem-preprocess --input PATH --out DIR [--vocab-size 4000]
-        [--model-type unigram] [--valid-frac 0.05] [--test-frac 0.05] [--min-split-docs 1]
-        [--seed 1] [--workers 1] [--spm-input-sentence-size 2000000] [--max-line-chars 10000]
-        [--tokenizer IMPORTED_BACKBONE_DIR]   (an HF tokenizer instead of sentencepiece)
+    longmem-preprocess --input PATH [PATH ...] --out DIR [--vocab-size 4000] [--workers N]
+        [--subsets Books3,ArXiv] [--model-type unigram] [--valid-frac 0.05] [--test-frac 0.05]
+        [--min-split-docs 1] [--seed 1] [--spm-sample-chars 100000000]
+        [--spm-input-sentence-size 2000000] [--max-line-chars 10000] [--no-raw-text]
+        [--keep-shards] [--quiet] [--tokenizer IMPORTED_BACKBONE_DIR]
+    longmem-preprocess --train PATH.. --valid PATH.. --test PATH.. --out DIR ...   (given splits)
+
+An input is a folder (recursive: ``.jsonl``/``.jsonl.gz``/``.jsonl.zst`` files are
+shards of JSON lines, other files are one document each), a shard file, or a glob.
+Resident memory is bounded whatever the corpus size: documents stream through
+(:mod:`preprocess.shard_work`); nothing holds all documents, their names or
+their tokens.
+
+1. **scan** (parallel, per unit): count documents, skips and bad lines; draw a
+   bounded sample of lines (``--spm-sample-chars``, train documents only).
+2. **split**: exact split sizes from the count; each document's split is decided
+   as it streams by (:mod:`preprocess.splitting`), reproducibly from ``--seed``.
+3. **dictionary**: sentencepiece trained on the sample (or ``--tokenizer``).
+4. **binarize** (parallel, per unit): tokens straight into fairseq's mmap format;
+   each finished unit is recorded in ``DIR/manifest.json`` (written atomically), so
+   a killed run started again with the same command skips the finished units.
+5. **merge**: the units' files into ``data-bin`` (streamed; re-run on a restart).
 
 Output layout (``DIR``)::
 
     raw/{train,valid,test}.txt   documents as non-empty lines, separated by ONE empty line
-    spm.model, spm.vocab         sentencepiece model trained on raw/train.txt only
-    tok/{train,valid,test}.tok   the same lines as space-separated pieces (separators kept)
+                                 (not with --no-raw-text)
+    spm.model, spm.vocab         sentencepiece model trained on a sample of train documents
     dict.txt                     fairseq dictionary (every usable sentencepiece piece)
-    data-bin/                    fairseq-preprocess --only-source output (mmap): one item per
-                                 line; a document separator is a length-1 item (just </s>)
+    data-bin/                    fairseq mmap dataset: one item per line; a document
+                                 separator is a length-1 item (just </s>)
     splits.json                  document names per split, in stream order
-    corpus_info.json             counts, sizes, settings and step timings
+    corpus_info.json             counts, sizes, settings, throughput and step timings
+    manifest.json, shards/       progress of an unfinished run (removed at the end
+                                 unless --keep-shards)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
-import math
-import random
-import re
-import subprocess
+import multiprocessing
+import os
+import queue as queue_mod
+import shutil
 import sys
 import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from .documents import (
+    REPORTED_SKIPS,
     Document,
+    InputUnit,
     PathLike,
     PreprocessError,
+    discover_units,
+    document_lines,
     format_skipped,
     iter_documents,
+    no_documents_error,
 )
+from .mmap_writer import MMapWriter, best_fitting_dtype, read_index_header, read_sizes
+from .sentencepiece_model import (
+    FAIRSEQ_SPECIALS,
+    PieceEncoder,
+    is_safe_piece,
+    train_sentencepiece,
+)
+from .shard_work import LineSample, binarize_unit, init_worker, scan_unit, set_progress
+from .splitting import (
+    SPLITS,
+    allocate,
+    check_split_args,
+    split_documents,
+    split_sizes,
+    unit_assignment,
+)
+
+__all__ = [
+    "SPLITS", "MODEL_TYPES", "FAIRSEQ_SPECIALS", "Document", "PieceEncoder", "PreprocessError",
+    "document_lines", "is_safe_piece", "iter_documents", "split_documents", "train_sentencepiece",
+    "write_fairseq_dict", "inspect_binarized", "prepare_corpus", "build_parser", "main",
+]
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 MODEL_TYPES = ("unigram", "bpe")
-#: Symbols fairseq's Dictionary reserves; a piece equal to one of them can't be in dict.txt.
-FAIRSEQ_SPECIALS = frozenset({"<s>", "<pad>", "</s>", "<unk>"})
-_WS = re.compile(r"\s")
-_ENCODE_BATCH = 8192  # lines per sentencepiece encode call
+DEFAULT_SPM_SAMPLE_CHARS = 100_000_000
+MANIFEST = "manifest.json"
+_MANIFEST_VERSION = 1
+_INSPECT_CHUNK = 1 << 22  # tokens per block when checking the output
 
 
-# --------------------------------------------------------------------------- splitting
-
-
-def _split_sizes(n: int, valid_frac: float, test_frac: float, min_split_docs: int) -> tuple[int, int, int]:
-    """(train, valid, test) document counts for ``n`` documents (train may come out < 1)."""
-    n_valid = max(min_split_docs, int(math.floor(n * valid_frac)))
-    n_test = max(min_split_docs, int(math.floor(n * test_frac)))
-    return n - n_valid - n_test, n_valid, n_test
-
-
-def split_documents(
-    docs: Sequence[Document],
-    valid_frac: float = 0.05,
-    test_frac: float = 0.05,
-    seed: int = 1,
-    min_split_docs: int = 1,
-) -> dict[str, list[Document]]:
-    """Split ``docs`` by document into train/valid/test, deterministically from ``seed``.
-
-    A copy of the list is shuffled with ``random.Random(seed)``; valid takes the first
-    ``max(min_split_docs, floor(n * valid_frac))`` documents, test the next
-    ``max(min_split_docs, floor(n * test_frac))``, train the rest. Each split keeps the
-    shuffled order (that is the document stream order). Too few documents for three
-    non-empty splits raises :class:`PreprocessError`.
-    """
-    _check_split_args(valid_frac, test_frac, min_split_docs)
-    n = len(docs)
-    n_train, n_valid, n_test = _split_sizes(n, valid_frac, test_frac, min_split_docs)
-    if n_train < 1:
-        needed = n + 1
-        while _split_sizes(needed, valid_frac, test_frac, min_split_docs)[0] < 1:
-            needed += 1
-        raise PreprocessError(
-            f"too few documents: found {n}, need at least {needed} so that train, valid and test "
-            f"each get one (valid/test take >= {min_split_docs} each); add documents or lower "
-            "--min-split-docs / --valid-frac / --test-frac"
-        )
-    shuffled = list(docs)
-    random.Random(seed).shuffle(shuffled)
-    return {
-        "valid": shuffled[:n_valid],
-        "test": shuffled[n_valid : n_valid + n_test],
-        "train": shuffled[n_valid + n_test :],
-    }
-
-
-def _check_split_args(valid_frac: float, test_frac: float, min_split_docs: int) -> None:
-    for flag, frac in (("--valid-frac", valid_frac), ("--test-frac", test_frac)):
-        if not 0.0 <= frac < 1.0:
-            raise PreprocessError(f"{flag} must be in [0, 1), got {frac}; pass a fraction such as 0.05")
-    if valid_frac + test_frac >= 1.0:
-        raise PreprocessError(
-            f"--valid-frac + --test-frac must be < 1 (got {valid_frac + test_frac}); leave room for train"
-        )
-    if min_split_docs < 1:
-        raise PreprocessError(
-            f"--min-split-docs must be >= 1 (got {min_split_docs}); every split needs a document"
-        )
-
-
-# --------------------------------------------------------------------------- raw text
-
-
-def document_lines(text: str, max_line_chars: int = 0) -> list[str]:
-    """The non-empty lines of a document.
-
-    Lines are split on ``\\n``, ``\\r\\n`` and ``\\r`` (universal newlines, as fairseq and
-    Python text files read them); empty and whitespace-only lines are dropped; other
-    lines are kept verbatim. With ``max_line_chars > 0`` longer lines are cut into
-    consecutive chunks of at most that many characters (whitespace-only chunks dropped).
-    """
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    out: list[str] = []
-    for line in lines:
-        if not line.strip():
-            continue
-        if max_line_chars > 0 and len(line) > max_line_chars:
-            out.extend(
-                chunk
-                for chunk in (line[i : i + max_line_chars] for i in range(0, len(line), max_line_chars))
-                if chunk.strip()
-            )
-        else:
-            out.append(line)
-    return out
-
-
-def write_raw_split(docs: Sequence[Document], path: Path, max_line_chars: int = 0) -> dict[str, int]:
-    """Write ``docs`` to ``path``: non-empty lines, ONE empty line between documents.
-
-    Returns ``{"docs", "lines", "chars"}`` (lines/chars of text, separators excluded).
-    """
-    n_lines = n_chars = 0
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
-        for i, doc in enumerate(docs):
-            lines = document_lines(doc.text, max_line_chars)
-            if not lines:  # cannot happen for documents from iter_documents
-                raise PreprocessError(f"document {doc.name!r} has no non-empty line; remove it from the input")
-            if i:
-                fh.write("\n")
-            for line in lines:
-                fh.write(line)
-                fh.write("\n")
-            n_lines += len(lines)
-            n_chars += sum(len(line) for line in lines)
-    return {"docs": len(docs), "lines": n_lines, "chars": n_chars}
-
-
-# --------------------------------------------------------------------------- sentencepiece
-
-
-def train_sentencepiece(
-    train_txt: PathLike,
-    model_prefix: PathLike,
-    vocab_size: int = 4000,
-    model_type: str = "unigram",
-    workers: int = 1,
-    input_sentence_size: int = 2_000_000,
-    max_line_chars: int = 10000,
-    seed: int = 1,
-) -> Path:
-    """Train a sentencepiece model on ``train_txt``; returns ``<model_prefix>.model``.
-
-    Settings suit code and arbitrary text: byte fallback (every string is encodable
-    without ``<unk>``), character coverage 1.0, identity normalization and no
-    whitespace collapsing (exact round trip, indentation kept), whitespace-only pieces
-    allowed (indentation runs), no BOS/EOS/PAD pieces (fairseq adds its own). A
-    vocabulary size the text cannot support raises :class:`PreprocessError`.
-    """
-    import sentencepiece as spm
-
-    spm.set_random_generator_seed(seed)
-    max_sentence_bytes = max(4192, 4 * max_line_chars) if max_line_chars > 0 else 1 << 16
-    try:
-        spm.SentencePieceTrainer.train(
-            input=str(train_txt),
-            model_prefix=str(model_prefix),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=1.0,
-            byte_fallback=True,
-            unk_id=0,
-            bos_id=-1,
-            eos_id=-1,
-            pad_id=-1,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            max_sentence_length=max_sentence_bytes,
-            num_threads=workers,
-            minloglevel=1,
-        )
-    except RuntimeError as exc:
-        raise _spm_error(str(exc), vocab_size, train_txt) from exc
-    return Path(f"{model_prefix}.model")
-
-
-def _spm_error(msg: str, vocab_size: int, train_txt: PathLike) -> PreprocessError:
-    """Translate a sentencepiece training failure into a one-line PreprocessError."""
-    high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
-    if high:
-        return PreprocessError(
-            f"--vocab-size {vocab_size} is too large for the training text in {str(train_txt)!r} "
-            f"(sentencepiece can make at most {high.group(2)} pieces from it); "
-            f"lower --vocab-size to <= {high.group(2)} or add training documents"
-        )
-    low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg)
-    if low:
-        return PreprocessError(
-            f"--vocab-size {vocab_size} is too small: the training text needs {low.group(2)} pieces "
-            f"for its characters and control/byte pieces; raise --vocab-size to at least {low.group(2)}"
-        )
-    last = msg.strip().splitlines()[-1] if msg.strip() else "unknown error"
-    return PreprocessError(
-        f"sentencepiece training on {str(train_txt)!r} failed: {last}; check --vocab-size and the input text"
-    )
-
-
-def is_safe_piece(piece: str) -> bool:
-    """Whether ``piece`` can be a fairseq dictionary symbol (non-empty, no whitespace, not reserved)."""
-    return bool(piece) and piece not in FAIRSEQ_SPECIALS and not _WS.search(piece)
-
-
-class PieceEncoder:
-    """Sentencepiece encoding into pieces that are always valid fairseq symbols.
-
-    sentencepiece pieces use U+2581 for spaces, but a piece may still contain other
-    whitespace (tabs, form feeds, ...) or equal a fairseq special symbol. Such pieces
-    are left out of the dictionary and re-spelled character by character (a safe
-    single-character piece if there is one, else its UTF-8 byte pieces ``<0xNN>``), so
-    decoding is unchanged and fairseq never sees ``<unk>``.
-    """
-
-    def __init__(self, model_file: PathLike) -> None:
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        self.dict_pieces: list[str] = []
-        unsafe: set[str] = set()
-        for i in range(self.sp.get_piece_size()):
-            if self.sp.is_control(i) or self.sp.is_unknown(i):
-                continue
-            piece = self.sp.id_to_piece(i)
-            if is_safe_piece(piece):
-                self.dict_pieces.append(piece)
-            else:
-                unsafe.add(piece)
-        self._safe = frozenset(self.dict_pieces)
-        self._unsafe = frozenset(unsafe)
-        self.n_unsafe = len(unsafe)
-
-    def _respell(self, piece: str) -> list[str]:
-        out: list[str] = []
-        for ch in piece:
-            if ch in self._safe:
-                out.append(ch)
-            else:
-                out.extend(f"<0x{b:02X}>" for b in ch.encode("utf-8"))
-        return out
-
-    def encode(self, lines: Sequence[str], num_threads: int = 1) -> list[list[str]]:
-        """Encode each line into dictionary-safe pieces (an empty line gives ``[]``)."""
-        encoded = self.sp.encode(list(lines), out_type=str, num_threads=num_threads)
-        if not self._unsafe:
-            return encoded
-        result: list[list[str]] = []
-        for pieces in encoded:
-            if any(p in self._unsafe for p in pieces):
-                fixed: list[str] = []
-                for p in pieces:
-                    fixed.extend(self._respell(p) if p in self._unsafe else (p,))
-                pieces = fixed
-            result.append(pieces)
-        return result
-
-    def decode(self, pieces: Sequence[str]) -> str:
-        """Pieces (e.g. a line of a ``.tok`` file, split on spaces) back to text."""
-        return self.sp.decode_pieces(list(pieces))
-
-
-def _read_lines(path: Path) -> Iterator[str]:
-    with path.open("r", encoding="utf-8", newline="\n") as fh:
-        for line in fh:
-            yield line[:-1] if line.endswith("\n") else line
-
-
-def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def encode_split(raw_path: Path, tok_path: Path, encoder: PieceEncoder, workers: int = 1) -> dict[str, int]:
-    """Encode ``raw_path`` line by line into ``tok_path``; empty separator lines stay empty.
-
-    Returns ``{"lines", "separators", "pieces"}`` (``lines`` counts non-empty lines).
-    """
-    n_lines = n_sep = n_pieces = 0
-    with tok_path.open("w", encoding="utf-8", newline="\n") as out:
-        for batch in _batches(_read_lines(raw_path), _ENCODE_BATCH):
-            for line, pieces in zip(batch, encoder.encode(batch, num_threads=workers)):
-                if not line:
-                    n_sep += 1
-                    out.write("\n")
-                    continue
-                if not pieces:
-                    raise RuntimeError(f"non-empty line in {raw_path} encoded to zero pieces: {line[:80]!r}")
-                n_lines += 1
-                n_pieces += len(pieces)
-                out.write(" ".join(pieces))
-                out.write("\n")
-    return {"lines": n_lines, "separators": n_sep, "pieces": n_pieces}
+# --------------------------------------------------------------------------- dictionary
 
 
 def write_fairseq_dict(encoder: PieceEncoder, path: Path) -> int:
@@ -346,79 +116,45 @@ def write_fairseq_dict(encoder: PieceEncoder, path: Path) -> int:
     return n
 
 
-# --------------------------------------------------------------------------- fairseq
+def _sha(path: Path) -> str:
+    h = hashlib.sha1()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def run_fairseq_preprocess(out: Path, workers: int = 1) -> Path:
-    """Binarize ``out/tok/*.tok`` with fairseq-preprocess into ``out/data-bin`` (mmap)."""
-    data_bin = out / "data-bin"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fairseq_cli.preprocess",
-        "--only-source",
-        "--srcdict",
-        str(out / "dict.txt"),
-        "--trainpref",
-        str(out / "tok" / "train.tok"),
-        "--validpref",
-        str(out / "tok" / "valid.tok"),
-        "--testpref",
-        str(out / "tok" / "test.tok"),
-        "--destdir",
-        str(data_bin),
-        "--workers",
-        str(workers),
-        "--dataset-impl",
-        "mmap",
-    ]
-    logger.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    log_path = out / "fairseq_preprocess.log"
-    log_path.write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    if proc.returncode != 0:
-        tail = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-3:]
-        raise PreprocessError(
-            f"fairseq-preprocess failed with exit status {proc.returncode}: {' | '.join(tail) or 'no output'}; "
-            f"full log in {log_path}"
-        )
-    return data_bin
-
-
-def inspect_binarized(data_bin: Path, split: str) -> dict[str, int]:
-    """Item/token statistics of one binarized split.
+def inspect_binarized(data_bin: Path, split: str) -> Dict[str, int]:
+    """Item/token statistics of one binarized split, read in blocks (bounded memory).
 
     ``items`` (lines + separators), ``tokens`` (incl. one ``</s>`` per item),
-    ``separators`` (length-1 items), ``unk`` (``<unk>`` tokens).
+    ``separators`` (length-1 items), ``unk`` (``<unk>`` tokens; fairseq's index 3).
     """
     import numpy as np
-    from fairseq.data import Dictionary
-    from fairseq.data.indexed_dataset import MMapIndexedDataset
 
     prefix = str(data_bin / split)
-    index = MMapIndexedDataset.Index(prefix + ".idx")
-    sizes = np.asarray(index.sizes)
-    unk_index = Dictionary.load(str(data_bin / "dict.txt")).unk()
-    if Path(prefix + ".bin").stat().st_size:
-        tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
-        n_unk = int(np.count_nonzero(tokens == unk_index))
+    dtype, n_items = read_index_header(prefix + ".idx")
+    sizes = read_sizes(prefix + ".idx")
+    n_tokens = n_sep = 0
+    for a in range(0, n_items, _INSPECT_CHUNK):
+        block = np.asarray(sizes[a : a + _INSPECT_CHUNK])
+        n_tokens += int(block.sum(dtype=np.int64))
+        n_sep += int(np.count_nonzero(block == 1))
+    del sizes
+    n_unk = 0
+    if Path(prefix + ".bin").stat().st_size:  # np.memmap refuses empty files
+        tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+        for a in range(0, tokens.size, _INSPECT_CHUNK):
+            n_unk += int(np.count_nonzero(tokens[a : a + _INSPECT_CHUNK] == 3))
         del tokens
-    else:  # np.memmap refuses empty files
-        n_unk = 0
-    result = {
-        "items": int(sizes.size),
-        "tokens": int(sizes.sum()),
-        "separators": int(np.count_nonzero(sizes == 1)),
-        "unk": n_unk,
-    }
-    del index
-    return result
+    return {"items": n_items, "tokens": n_tokens, "separators": n_sep, "unk": n_unk}
 
 
-# --------------------------------------------------------------------------- pipeline
+# --------------------------------------------------------------------------- arguments
 
 
-def _check_args(vocab_size: int, model_type: str, workers: int, spm_input_sentence_size: int, max_line_chars: int) -> None:
+def _check_args(vocab_size: int, model_type: str, workers: int, spm_input_sentence_size: int,
+                max_line_chars: int, spm_sample_chars: int) -> None:
     if vocab_size < 2:
         raise PreprocessError(f"--vocab-size must be a positive number of pieces, got {vocab_size}; try 4000")
     if model_type not in MODEL_TYPES:
@@ -429,23 +165,33 @@ def _check_args(vocab_size: int, model_type: str, workers: int, spm_input_senten
         raise PreprocessError(f"--spm-input-sentence-size must be >= 1, got {spm_input_sentence_size}")
     if max_line_chars < 0:
         raise PreprocessError(f"--max-line-chars must be >= 0 (0 = no limit), got {max_line_chars}")
+    if spm_sample_chars < 1000:
+        raise PreprocessError(f"--spm-sample-chars must be >= 1000, got {spm_sample_chars}; try 100000000")
 
 
-def _prepare_out_dir(out: Path, input_path: Path) -> None:
-    """Create ``out`` (and subfolders) and check that it is writable."""
-    if input_path.is_dir():
-        try:
-            out.resolve().relative_to(input_path.resolve())
-        except ValueError:
-            pass
-        else:
+def _as_list(paths: Union[None, PathLike, Sequence[PathLike]]) -> List[PathLike]:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    return list(paths)
+
+
+def _prepare_out_dir(out: Path, inputs: Sequence[PathLike]) -> None:
+    """Create ``out`` (and subfolders) and check that it is writable and outside the inputs."""
+    for inp in inputs:
+        input_path = Path(inp)
+        if input_path.is_dir():
+            try:
+                out.resolve().relative_to(input_path.resolve())
+            except ValueError:
+                continue
             raise PreprocessError(
                 f"output folder {str(out)!r} is inside the input folder {str(input_path)!r}; "
                 "choose an --out outside the input"
             )
     try:
-        for sub in (out, out / "raw", out / "tok"):
-            sub.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
         probe.write_text("ok", encoding="utf-8")
         probe.unlink()
@@ -455,9 +201,120 @@ def _prepare_out_dir(out: Path, input_path: Path) -> None:
         ) from exc
 
 
+# --------------------------------------------------------------------------- manifest
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(obj, fh, ensure_ascii=False, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_manifest(out: Path, fingerprint: str) -> Dict[str, Any]:
+    """The manifest of an unfinished run with the same settings and inputs, or a new one."""
+    path = out / MANIFEST
+    fresh = {"version": _MANIFEST_VERSION, "fingerprint": fingerprint, "scan": None, "dictionary": None,
+             "done": {}}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            old = None
+        if isinstance(old, dict) and old.get("fingerprint") == fingerprint and old.get("version") == _MANIFEST_VERSION:
+            return old
+        logger.warning("%s is from a run with other inputs or settings: starting afresh", path)
+    if (out / "shards").exists():
+        shutil.rmtree(out / "shards")
+    _write_json_atomic(path, fresh)
+    return fresh
+
+
+# --------------------------------------------------------------------------- parallel runner
+
+
+def _run_units(fn: Callable[[Dict[str, Any]], Dict[str, Any]], tasks: List[Dict[str, Any]], workers: int,
+               on_done: Callable[[Dict[str, Any], Dict[str, Any]], None],
+               on_progress: Optional[Callable[[int, int], None]] = None) -> None:
+    """Run ``fn`` on every task (in this process, or ``workers`` spawned processes); ``on_done``
+    is called in this process, in completion order; progress ``(docs, tokens)`` as it comes."""
+    if not tasks:
+        return
+    if workers <= 1 or len(tasks) == 1:
+        set_progress(on_progress)
+        try:
+            for task in tasks:
+                on_done(task, fn(task))
+        finally:
+            set_progress(None)
+        return
+    # fork where there is one: a spawned worker would import the whole plugin (torch, fairseq)
+    # again, seconds and hundreds of MB each; the workers use numpy and the tokenizer only
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    q = ctx.Queue()
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
+                             initializer=init_worker, initargs=(q,)) as pool:
+        futures = {pool.submit(fn, task): task for task in tasks}
+        pending = set(futures)
+
+        def drain() -> None:
+            while True:
+                try:
+                    d, t = q.get_nowait()
+                except (queue_mod.Empty, OSError, EOFError):
+                    return
+                if on_progress is not None:
+                    on_progress(d, t)
+
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                drain()
+                for fut in done:
+                    on_done(futures[fut], fut.result())
+            drain()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+class _Progress:
+    """tqdm bar on stderr: documents, tokens, tokens/s, ETA (off when not a TTY or quiet)."""
+
+    def __init__(self, total_docs: int, enabled: bool, done_docs: int = 0, desc: str = "binarize",
+                 unit: str = "doc") -> None:
+        self.bar = None
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_docs, initial=done_docs, unit=unit, desc=desc,
+                            file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.tokens / 1e6:.1f}M tok, {rate / 1e3:.0f}k tok/s", refresh=False)
+            self.bar.update(docs)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
 def prepare_corpus(
-    input: PathLike,
-    out: PathLike,
+    input: Union[None, PathLike, Sequence[PathLike]] = None,
+    out: PathLike = "prep",
     vocab_size: int = 4000,
     valid_frac: float = 0.05,
     test_frac: float = 0.05,
@@ -468,176 +325,373 @@ def prepare_corpus(
     max_line_chars: int = 10000,
     model_type: str = "unigram",
     tokenizer: Optional[PathLike] = None,
-) -> dict[str, Any]:
+    *,
+    train: Union[None, PathLike, Sequence[PathLike]] = None,
+    valid: Union[None, PathLike, Sequence[PathLike]] = None,
+    test: Union[None, PathLike, Sequence[PathLike]] = None,
+    subsets: Optional[Sequence[str]] = None,
+    spm_sample_chars: int = DEFAULT_SPM_SAMPLE_CHARS,
+    write_raw: bool = True,
+    keep_shards: bool = False,
+    progress: Optional[bool] = None,
+) -> Dict[str, Any]:
     """Run the whole pipeline (see the module docstring) and return the corpus info dict.
 
-    The same dict is written to ``out/corpus_info.json``. Bad input or settings raise
-    :class:`PreprocessError` with a one-line message naming the problem and the fix.
-    With ``tokenizer`` (a folder), an imported backbone's HF tokenizer and dictionary
-    replace sentencepiece (``hf_tokenizer.py``): one line per document.
+    ``input`` (one or more paths/globs) is split by document with ``seed``; or
+    ``train``/``valid``/``test`` give the splits. The info dict is also written to
+    ``out/corpus_info.json``. Bad input or settings raise :class:`PreprocessError`
+    with a one-line message naming the problem and the fix. With ``tokenizer`` (a
+    folder), an imported backbone's HF tokenizer and dictionary replace
+    sentencepiece (``hf_tokenizer.py``): one line per document. ``progress``:
+    show the bar (``None``: when stderr is a terminal).
     """
-    _check_args(vocab_size, model_type, workers, spm_input_sentence_size, max_line_chars)
-    _check_split_args(valid_frac, test_frac, min_split_docs)
+    _check_args(vocab_size, model_type, workers, spm_input_sentence_size, max_line_chars, spm_sample_chars)
+    inputs = _as_list(input)
+    given = {s: _as_list(v) for s, v in (("train", train), ("valid", valid), ("test", test))}
+    if inputs and any(given.values()):
+        raise PreprocessError("give either --input (split by --seed) or --train/--valid/--test, not both")
+    if not inputs and not all(given.values()):
+        missing = [f"--{s}" for s in SPLITS if not given[s]] if any(given.values()) else ["--input"]
+        raise PreprocessError(f"no input for {', '.join(missing)}; pass --input PATH, or all of "
+                              "--train, --valid and --test")
+    if not any(given.values()):
+        check_split_args(valid_frac, test_frac, min_split_docs)
+    subsets = [s.strip() for s in subsets if s.strip()] if subsets else None
     hf_encoder = None
     if tokenizer is not None:
-        from .hf_tokenizer import HFTokenizerEncoder, encode_document_split
+        from .hf_tokenizer import HFTokenizerEncoder
 
         hf_encoder = HFTokenizerEncoder(tokenizer)
-    input_path, out_dir = Path(input), Path(out)
-    timings: dict[str, float] = {}
+    out_dir = Path(out)
+    timings: Dict[str, float] = {}
     t_all = time.perf_counter()
 
-    # 1. read documents (validates the input path eagerly)
+    # 0. inputs -> units (validated eagerly), output folder, manifest
+    if inputs:
+        units = discover_units(inputs)
+    else:
+        units = [u for s in SPLITS for u in discover_units(given[s], split=s)]
+    all_inputs = inputs or [p for s in SPLITS for p in given[s]]
+    _prepare_out_dir(out_dir, all_inputs)
+    unit_keys = [u.key for u in units]
+    settings = {
+        "units": unit_keys, "vocab_size": vocab_size, "model_type": model_type, "seed": seed,
+        "valid_frac": valid_frac, "test_frac": test_frac, "min_split_docs": min_split_docs,
+        "max_line_chars": max_line_chars, "subsets": subsets, "spm_sample_chars": spm_sample_chars,
+        "spm_input_sentence_size": spm_input_sentence_size, "write_raw": write_raw,
+        "tokenizer": str(Path(tokenizer).resolve()) if tokenizer is not None else None,
+    }
+    fingerprint = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    manifest = _load_manifest(out_dir, fingerprint)
+    manifest_path = out_dir / MANIFEST
+    shard_root = out_dir / "shards"
+    shard_root.mkdir(exist_ok=True)
+    show = progress if progress is not None else sys.stderr.isatty()
+
+    # 1. scan: documents per unit, skips, bad lines, the sentencepiece sample
+    fixed_split = not inputs
+    train_frac = 1.0 if fixed_split else max(0.05, 1.0 - valid_frac - test_frac)
+    need_sample = hf_encoder is None and not (manifest["dictionary"] and (out_dir / "spm.model").is_file())
     t0 = time.perf_counter()
-    skipped: dict[str, int] = {}
-    doc_iter = iter_documents(input_path, skipped)
-    _prepare_out_dir(out_dir, input_path)
-    docs = list(doc_iter)
-    timings["read"] = time.perf_counter() - t0
-    logger.info("read %d documents from %s (skipped: %s)", len(docs), input_path, format_skipped(skipped))
+    sample = LineSample(int(spm_sample_chars / train_frac) + 1)
+    if manifest["scan"] is None or need_sample:
+        scans: List[Optional[Dict[str, Any]]] = [None] * len(units)
+        tasks = [{"unit": u, "index": i, "subsets": subsets, "seed": seed, "max_line_chars": max_line_chars,
+                  "sample_chars": (sample.budget if need_sample and (u.split in (None, "train")) else 0)}
+                 for i, u in enumerate(units)]
+        bar = _Progress(len(units), show, desc="scan", unit="unit")
 
-    # 2. split by document
-    splits = split_documents(docs, valid_frac, test_frac, seed, min_split_docs)
-    del docs
-    with (out_dir / "splits.json").open("w", encoding="utf-8") as fh:
-        json.dump({s: [d.name for d in splits[s]] for s in SPLITS}, fh, ensure_ascii=False, indent=0)
+        def scanned(task: Dict[str, Any], res: Dict[str, Any]) -> None:
+            for key, u, d, line in res.pop("sample"):
+                sample.add(key, u, d, line)
+            scans[task["index"]] = res
+            bar.update(1, 0)
 
-    # 3. raw text, one empty line between documents
+        try:
+            _run_units(scan_unit, tasks, workers, scanned)
+        finally:
+            bar.close()
+        manifest["scan"] = scans
+        _write_json_atomic(manifest_path, manifest)
+    scans = manifest["scan"]
+    timings["scan"] = time.perf_counter() - t0
+    skipped: Counter = Counter()
+    bad_lines: List[str] = []
+    for res in scans:
+        skipped.update(res["skipped"])
+        bad_lines.extend(res["bad_lines"][: max(0, 5 - len(bad_lines))])
+    n_bad = sum(skipped[r] for r in REPORTED_SKIPS)
+    if n_bad:
+        logger.warning("skipped %d bad input lines (%s); first: %s", n_bad, format_skipped(
+            {r: skipped[r] for r in REPORTED_SKIPS}), "; ".join(bad_lines))
+    docs_per_unit = [res["docs"] for res in scans]
+    label = ", ".join(str(p) for p in all_inputs)
+    if sum(docs_per_unit) == 0:
+        raise no_documents_error(label, skipped, len(all_inputs) == 1 and Path(all_inputs[0]).is_dir())
+    logger.info("scanned %d units: %d documents (skipped: %s)", len(units), sum(docs_per_unit),
+                format_skipped(skipped))
+
+    # 2. split sizes and their allocation to units
+    if fixed_split:
+        for s in SPLITS:
+            if sum(n for u, n in zip(units, docs_per_unit) if u.split == s) == 0:
+                raise PreprocessError(f"no usable documents in the --{s} input ({', '.join(map(str, given[s]))}); "
+                                      f"check the path and the --subsets filter (skipped: {format_skipped(skipped)})")
+        alloc = [(0, 0)] * len(units)
+    else:
+        _, n_valid, n_test = split_sizes(sum(docs_per_unit), valid_frac, test_frac, min_split_docs)
+        alloc = allocate(docs_per_unit, n_valid, n_test, seed)
+
+    # 3. dictionary: sentencepiece on the train part of the sample, or the backbone's
     t0 = time.perf_counter()
-    stats: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        stats[split] = write_raw_split(splits[split], out_dir / "raw" / f"{split}.txt", max_line_chars)
-    del splits
-    timings["write_raw"] = time.perf_counter() - t0
-    logger.info(
-        "documents per split: %s", ", ".join(f"{s}={stats[s]['docs']}" for s in SPLITS)
-    )
-
-    # 4-6. the backbone's HF tokenizer and dictionary (one line per document), or ...
     if hf_encoder is not None:
-        t0 = time.perf_counter()
-        for split in SPLITS:
-            enc = encode_document_split(out_dir / "raw" / f"{split}.txt", out_dir / "tok" / f"{split}.tok", hf_encoder)
-            if enc["lines"] != stats[split]["docs"]:
-                raise RuntimeError(f"{split}: encoded {enc['lines']} documents, wrote {stats[split]['docs']}")
-            stats[split].update(text_lines=stats[split]["lines"], lines=enc["lines"], pieces=enc["pieces"])
-        timings["encode"] = time.perf_counter() - t0
         dict_size = hf_encoder.write_dict(out_dir / "dict.txt")
+        encoder_spec = ("hf", str(Path(tokenizer).resolve()))
         encoder = model_file = None
-    else:  # ... sentencepiece trained on train only
-        # 4. sentencepiece on train only
-        t0 = time.perf_counter()
-        model_file = train_sentencepiece(
-            out_dir / "raw" / "train.txt",
-            out_dir / "spm",
-            vocab_size=vocab_size,
-            model_type=model_type,
-            workers=workers,
-            input_sentence_size=spm_input_sentence_size,
-            max_line_chars=max_line_chars,
-            seed=seed,
-        )
-        timings["train_spm"] = time.perf_counter() - t0
+    else:
+        model_file = out_dir / "spm.model"
+        if need_sample:
+            sample_path = out_dir / "spm_sample.txt"
+            n_lines, n_chars = _write_train_sample(sample, units, docs_per_unit, alloc, seed, fixed_split,
+                                                   spm_sample_chars, sample_path)
+            logger.info("training sentencepiece on a sample of %d lines (%d characters)", n_lines, n_chars)
+            model_file = train_sentencepiece(sample_path, out_dir / "spm", vocab_size=vocab_size,
+                                             model_type=model_type, workers=workers,
+                                             input_sentence_size=spm_input_sentence_size,
+                                             max_line_chars=max_line_chars, seed=seed)
+            sample_path.unlink()
+            timings["train_spm"] = time.perf_counter() - t0
+        del sample
         encoder = PieceEncoder(model_file)
-        logger.info(
-            "trained sentencepiece %s model %s: %d pieces (%d not usable as fairseq symbols)",
-            model_type,
-            model_file,
-            encoder.sp.get_piece_size(),
-            encoder.n_unsafe,
-        )
-
-        # 5. encode every split, separators kept
-        t0 = time.perf_counter()
-        for split in SPLITS:
-            enc = encode_split(out_dir / "raw" / f"{split}.txt", out_dir / "tok" / f"{split}.tok", encoder, workers)
-            if enc["lines"] != stats[split]["lines"] or enc["separators"] != stats[split]["docs"] - 1:
-                raise RuntimeError(f"{split}: encoded line counts {enc} disagree with raw counts {stats[split]}")
-            stats[split]["pieces"] = enc["pieces"]
-        timings["encode"] = time.perf_counter() - t0
-
-        # 6. fairseq dictionary
+        logger.info("sentencepiece %s model %s: %d pieces (%d not usable as fairseq symbols)", model_type,
+                    model_file, encoder.sp.get_piece_size(), encoder.n_unsafe)
         dict_size = write_fairseq_dict(encoder, out_dir / "dict.txt")
+        encoder_spec = ("spm", str(model_file.resolve()))
+    dict_sha = _sha(out_dir / "dict.txt")
+    if manifest["dictionary"] != dict_sha:
+        manifest["dictionary"] = dict_sha
+        _write_json_atomic(manifest_path, manifest)
+    _check_dictionaries(manifest, dict_sha, out_dir)
 
-    # 7. binarize
+    # 4. binarize every unit not finished before
+    import numpy as np
+
+    with (out_dir / "dict.txt").open("r", encoding="utf-8") as fh:
+        n_symbols = 4 + sum(1 for _ in fh)  # fairseq's Dictionary: 4 specials + dict.txt
+    dtype = best_fitting_dtype(n_symbols)
+    unit_dirs = [shard_root / f"unit-{i:06d}-{k}" for i, k in enumerate(unit_keys)]
+    done = manifest["done"]
+    for key in list(done):
+        if not (shard_root / f"unit-{done[key]['index']:06d}-{key}").is_dir():
+            del done[key]  # its files are gone: do it again
+    n_finished = sum(1 for k in unit_keys if k in done)
+    if n_finished:
+        logger.info("resuming: skipping %d of %d input units already binarized (%s)", n_finished, len(units),
+                    manifest_path)
+    tasks = [{"unit": u, "index": i, "docs": docs_per_unit[i], "split": u.split, "valid": alloc[i][0],
+              "test": alloc[i][1], "seed": seed, "encoder": encoder_spec, "max_line_chars": max_line_chars,
+              "dtype": np.dtype(dtype).str, "write_raw": write_raw, "subsets": subsets, "out": str(unit_dirs[i])}
+             for i, u in enumerate(units) if u.key not in done and docs_per_unit[i] > 0]
     t0 = time.perf_counter()
-    data_bin = run_fairseq_preprocess(out_dir, workers)
+    bar = _Progress(sum(docs_per_unit), show, done_docs=sum(docs_per_unit[i] for i, k in enumerate(unit_keys)
+                                                             if k in done))
+    tokens_now = 0
+
+    def binarized(task: Dict[str, Any], res: Dict[str, Any]) -> None:
+        nonlocal tokens_now
+        tokens_now += res["tokens"]
+        done[task["unit"].key] = {"index": task["index"], "label": task["unit"].label, "splits": res["splits"],
+                                  "dictionary": dict_sha, "seconds": round(res["seconds"], 3)}
+        _write_json_atomic(manifest_path, manifest)
+
+    try:
+        _run_units(binarize_unit, tasks, workers, binarized, bar.update)
+    finally:
+        bar.close()
     timings["binarize"] = time.perf_counter() - t0
+    _check_dictionaries(manifest, dict_sha, out_dir)
+
+    # 5. merge the units into data-bin (+ raw text, splits.json)
+    t0 = time.perf_counter()
+    data_bin = out_dir / "data-bin"
+    stats = _merge(out_dir, data_bin, units, unit_dirs, done, docs_per_unit, dtype, write_raw)
+    shutil.copyfile(out_dir / "dict.txt", data_bin / "dict.txt")
+    timings["merge"] = time.perf_counter() - t0
     for split in SPLITS:
         binfo = inspect_binarized(data_bin, split)
         st = stats[split]
-        expected = {
-            "items": st["lines"] + st["docs"] - 1,
-            "tokens": st["pieces"] + st["lines"] + st["docs"] - 1,
-            "separators": st["docs"] - 1,
-            "unk": 0,
-        }
+        expected = {"items": st["lines"] + st["docs"] - 1, "tokens": st["pieces"] + st["lines"] + st["docs"] - 1,
+                    "separators": st["docs"] - 1, "unk": 0}
         if binfo != expected:
             raise RuntimeError(f"{split}: binarized dataset {binfo} does not match the encoded text {expected}")
         st.update({"items": binfo["items"], "bin_tokens": binfo["tokens"], "separators": binfo["separators"]})
     timings["total"] = time.perf_counter() - t_all
+    total_tokens = sum(stats[s]["bin_tokens"] for s in SPLITS)
 
-    # 8. summary
-    info: dict[str, Any] = {
-        "input": str(input_path.resolve()),
-        "input_kind": "folder" if input_path.is_dir() else "jsonl",
+    # 6. summary
+    info: Dict[str, Any] = {
+        "input": str(Path(inputs[0]).resolve()) if len(inputs) == 1 else [str(p) for p in all_inputs],
+        "input_kind": _input_kind(units),
+        "given_splits": {s: [str(p) for p in given[s]] for s in SPLITS} if fixed_split else None,
+        "subsets": subsets,
         "out": str(out_dir.resolve()),
+        "units": len(units),
+        "workers": workers,
         "seed": seed,
         "valid_frac": valid_frac,
         "test_frac": test_frac,
         "min_split_docs": min_split_docs,
         "max_line_chars": max_line_chars,
         "documents": sum(stats[s]["docs"] for s in SPLITS),
-        "skipped": dict(sorted(skipped.items())),
+        "skipped": dict(sorted((k, v) for k, v in skipped.items() if v)),
+        "bad_lines": bad_lines,
         "model_type": model_type,
         "vocab_size": vocab_size,
         "spm_pieces": encoder.sp.get_piece_size() if encoder else None,
+        "spm_sample_chars": spm_sample_chars if encoder else None,
         "tokenizer": str(Path(tokenizer).resolve()) if tokenizer is not None else None,
         "dict_size": dict_size,
         "splits": stats,
+        "tokens": total_tokens,
+        "binarize_tokens_per_s": round(tokens_now / timings["binarize"], 1) if tokens_now else None,
         "paths": {
             "data_bin": str(data_bin.resolve()),
             "dict": str((out_dir / "dict.txt").resolve()),
             "spm_model": str(model_file.resolve()) if model_file else None,
-            "raw": {s: str((out_dir / "raw" / f"{s}.txt").resolve()) for s in SPLITS},
-            "tok": {s: str((out_dir / "tok" / f"{s}.tok").resolve()) for s in SPLITS},
+            "raw": {s: str((out_dir / "raw" / f"{s}.txt").resolve()) for s in SPLITS} if write_raw else None,
         },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    with (out_dir / "corpus_info.json").open("w", encoding="utf-8") as fh:
-        json.dump(info, fh, ensure_ascii=False, indent=2)
-        fh.write("\n")
+    _write_json_atomic(out_dir / "corpus_info.json", info)
+    if not keep_shards:
+        shutil.rmtree(shard_root)
+        manifest_path.unlink()
     for split in SPLITS:
         st = stats[split]
-        logger.info(
-            "%-5s: %d docs, %d lines, %d pieces, %d fairseq tokens (incl. </s>)",
-            split,
-            st["docs"],
-            st["lines"],
-            st["pieces"],
-            st["bin_tokens"],
-        )
-    logger.info(
-        "wrote %s (dictionary %d symbols) in %.1fs; timings: %s",
-        data_bin,
-        dict_size,
-        timings["total"],
-        ", ".join(f"{k}={v:.1f}s" for k, v in timings.items()),
-    )
+        logger.info("%-5s: %d docs, %d lines, %d pieces, %d fairseq tokens (incl. </s>)", split, st["docs"],
+                    st["lines"], st["pieces"], st["bin_tokens"])
+    logger.info("wrote %s (dictionary %d symbols) in %.1fs; timings: %s", data_bin, dict_size, timings["total"],
+                ", ".join(f"{k}={v:.1f}s" for k, v in timings.items()))
     return info
+
+
+def _input_kind(units: Sequence[InputUnit]) -> str:
+    kinds = {u.kind for u in units}
+    if kinds == {"jsonl"}:
+        return "jsonl"
+    return "folder" if kinds == {"files"} else "mixed"
+
+
+def _check_dictionaries(manifest: Dict[str, Any], dict_sha: str, out_dir: Path) -> None:
+    """Every finished unit must have been binarized with the current dict.txt."""
+    stale = [v["label"] for v in manifest["done"].values() if v["dictionary"] != dict_sha]
+    if stale:
+        raise PreprocessError(
+            f"{len(stale)} input units (first: {stale[0]}) were binarized with another dictionary than "
+            f"{out_dir / 'dict.txt'} (spm.model or --tokenizer changed since); restore the model, or delete "
+            f"{out_dir / 'shards'} and {out_dir / MANIFEST} to binarize everything again"
+        )
+
+
+def _write_train_sample(sample: LineSample, units: Sequence[InputUnit], docs_per_unit: Sequence[int],
+                        alloc: Sequence[tuple], seed: int, fixed_split: bool, budget: int,
+                        path: Path) -> tuple:
+    """Write the sample's lines of train documents (smallest keys first, at most ``budget``
+    characters) to ``path``; returns ``(lines, characters)``."""
+    entries = sample.entries()
+    if not fixed_split:  # keep lines of train documents: replay each unit's assignment
+        wanted: Dict[int, set] = {}
+        for _, u, d, _ in entries:
+            wanted.setdefault(u, set()).add(d)
+        train_docs: Dict[int, set] = {}
+        for u, docs in wanted.items():
+            keep = set()
+            for d, split in enumerate(unit_assignment(seed, u, docs_per_unit[u], alloc[u][0], alloc[u][1])):
+                if split == "train" and d in docs:
+                    keep.add(d)
+            train_docs[u] = keep
+        entries = [e for e in entries if e[2] in train_docs[e[1]]]
+    n_lines = n_chars = 0
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for _, _, _, line in entries:
+            if n_chars + len(line) > budget:
+                break
+            fh.write(line)
+            fh.write("\n")
+            n_lines += 1
+            n_chars += len(line)
+    if n_lines == 0:
+        raise PreprocessError("the sentencepiece sample is empty (no line of a train document fits "
+                              "--spm-sample-chars); raise --spm-sample-chars")
+    return n_lines, n_chars
+
+
+def _merge(out_dir: Path, data_bin: Path, units: Sequence[InputUnit], unit_dirs: Sequence[Path],
+           done: Dict[str, Any], docs_per_unit: Sequence[int], dtype: Any, write_raw: bool) -> Dict[str, Dict[str, int]]:
+    """Concatenate the units' outputs per split, in input order, one separator between units."""
+    import numpy as np
+
+    data_bin.mkdir(parents=True, exist_ok=True)
+    if write_raw:
+        (out_dir / "raw").mkdir(exist_ok=True)
+    stats: Dict[str, Dict[str, int]] = {}
+    names_tmp = out_dir / "splits.json.tmp"
+    with names_tmp.open("w", encoding="utf-8", newline="\n") as names_out:
+        names_out.write("{")
+        for si, split in enumerate(SPLITS):
+            writer = MMapWriter(data_bin / split, dtype)
+            raw = (out_dir / "raw" / f"{split}.txt").open("w", encoding="utf-8", newline="\n") if write_raw else None
+            st = {"docs": 0, "lines": 0, "text_lines": 0, "chars": 0, "pieces": 0}
+            names_out.write(("," if si else "") + f"\n{json.dumps(split)}: [")
+            first_name = True
+            for unit, udir, n in zip(units, unit_dirs, docs_per_unit):
+                if n == 0:
+                    continue
+                ust = done[unit.key]["splits"][split]
+                if ust["docs"] == 0:
+                    continue
+                if st["docs"]:
+                    writer.add(np.array([2]), np.array([1]))
+                    if raw is not None:
+                        raw.write("\n")
+                writer.merge(udir / split)
+                if raw is not None:
+                    with (udir / f"raw.{split}.txt").open("r", encoding="utf-8", newline="\n") as fh:
+                        shutil.copyfileobj(fh, raw, 1 << 20)
+                with (udir / f"names.{split}.jsonl").open("r", encoding="utf-8") as fh:
+                    for line in fh:
+                        names_out.write(("\n" if first_name else ",\n") + line.rstrip("\n"))
+                        first_name = False
+                for k in st:
+                    st[k] += ust[k]
+            names_out.write("\n]")
+            writer.finalize()
+            if raw is not None:
+                raw.close()
+            stats[split] = st
+        names_out.write("\n}\n")
+    os.replace(names_tmp, out_dir / "splits.json")
+    return stats
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m preprocess.prepare_corpus``."""
+    """The argument parser of ``longmem-preprocess``."""
     p = argparse.ArgumentParser(
         prog="longmem-preprocess",
-        description="Raw documents (folder or .jsonl) -> binarized fairseq dataset with document boundaries.",
+        description="Raw documents (folders, .jsonl/.jsonl.gz/.jsonl.zst shards) -> binarized fairseq "
+                    "dataset with document boundaries, streaming, in parallel, resumable.",
     )
-    p.add_argument("--input", required=True, help="folder of text files (one per document) or a .jsonl file")
+    p.add_argument("--input", nargs="+", default=None, help="folders, shard files or globs; documents are "
+                   "split into train/valid/test by --seed")
+    p.add_argument("--train", nargs="+", default=None, help="given train split (folders/shards/globs)")
+    p.add_argument("--valid", nargs="+", default=None, help="given valid split")
+    p.add_argument("--test", nargs="+", default=None, help="given test split")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--subsets", default=None, help="keep only these Pile subsets (meta.pile_set_name), "
+                   "comma-separated, e.g. Books3,ArXiv")
     p.add_argument("--vocab-size", type=int, default=4000, help="sentencepiece vocabulary size (default 4000)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="sentencepiece model type")
     p.add_argument("--tokenizer", default=None, help="tokenize with an imported backbone's HF tokenizer "
@@ -646,19 +700,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-frac", type=float, default=0.05, help="fraction of documents for test (default 0.05)")
     p.add_argument("--min-split-docs", type=int, default=1, help="minimum documents in valid and in test")
     p.add_argument("--seed", type=int, default=1, help="seed of the document split (and spm sampling)")
-    p.add_argument("--workers", type=int, default=1, help="threads/processes for sentencepiece and fairseq")
-    p.add_argument(
-        "--spm-input-sentence-size",
-        type=int,
-        default=2_000_000,
-        help="max lines sampled from train for sentencepiece training (default 2000000)",
-    )
-    p.add_argument(
-        "--max-line-chars",
-        type=int,
-        default=10000,
-        help="cut lines longer than this into chunks (0 = never; default 10000)",
-    )
+    p.add_argument("--workers", type=int, default=1, help="worker processes (and sentencepiece threads)")
+    p.add_argument("--spm-sample-chars", type=int, default=DEFAULT_SPM_SAMPLE_CHARS,
+                   help="sentencepiece trains on a random sample of train lines of at most this many "
+                        f"characters (default {DEFAULT_SPM_SAMPLE_CHARS})")
+    p.add_argument("--spm-input-sentence-size", type=int, default=2_000_000,
+                   help="max lines of the sample sentencepiece reads (default 2000000)")
+    p.add_argument("--max-line-chars", type=int, default=10000,
+                   help="cut lines longer than this into chunks (0 = never; default 10000)")
+    p.add_argument("--no-raw-text", action="store_true", help="do not write raw/{train,valid,test}.txt")
+    p.add_argument("--keep-shards", action="store_true", help="keep shards/ and manifest.json after the merge")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -680,6 +732,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_line_chars=args.max_line_chars,
             model_type=args.model_type,
             tokenizer=args.tokenizer,
+            train=args.train,
+            valid=args.valid,
+            test=args.test,
+            subsets=args.subsets.split(",") if args.subsets else None,
+            spm_sample_chars=args.spm_sample_chars,
+            write_raw=not args.no_raw_text,
+            keep_shards=args.keep_shards,
+            progress=False if args.quiet else None,
         )
     except PreprocessError as exc:
         print(f"error: {exc}", file=sys.stderr)

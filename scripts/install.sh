@@ -17,7 +17,7 @@ VPY="$VENV/bin/python"
 if "$VPY" - <<'PYCHK' 2>/dev/null; then
 import importlib, sys
 for m in ("torch", "fairseq", "faiss", "sentencepiece", "matplotlib", "tensorboardX", "pytest",
-          "fairseq_longmem", "safetensors", "tokenizers", "transformers"):
+          "fairseq_longmem", "safetensors", "tokenizers", "transformers", "zstandard"):
     importlib.import_module(m)
 import fairseq_longmem.preprocess  # installed (editable) with its package mapping
 PYCHK

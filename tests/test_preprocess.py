@@ -248,18 +248,6 @@ def _check_prepared(out: Path, info: dict, corpus: Path, seed: int, min_split_do
             expected_lines.extend(document_lines(docs[name].text))
         assert raw_lines == expected_lines
 
-        # tok: same line structure; decoding gives back the original lines
-        tok_lines = (out / "tok" / f"{split}.tok").read_text(encoding="utf-8").split("\n")[:-1]
-        assert len(tok_lines) == len(raw_lines)
-        for raw_line, tok_line in zip(raw_lines, tok_lines):
-            if not raw_line:
-                assert tok_line == ""
-                continue
-            pieces = tok_line.split(" ")
-            assert all(p and p.split() == [p] for p in pieces)
-            assert all(dictionary.index(p) != dictionary.unk() for p in pieces)
-            assert encoder.decode(pieces) == raw_line
-
         # binarized: one item per line, separators are the only length-1 items
         dataset = data_utils.load_indexed_dataset(str(out / "data-bin" / split), dictionary)
         assert dataset is not None and len(dataset) == len(raw_lines)
@@ -271,6 +259,10 @@ def _check_prepared(out: Path, info: dict, corpus: Path, seed: int, min_split_do
             assert int(item[-1]) == dictionary.eos()
             assert (len(item) == 1) == (raw_line == "")
             assert dictionary.unk() not in item.tolist()
+            if raw_line:  # the pieces of the line, as fairseq-preprocess would have binarized them
+                pieces = [dictionary[int(t)] for t in item[:-1]]
+                assert encoder.decode(pieces) == raw_line
+                assert pieces == encoder.encode([raw_line])[0]
         assert sum(sizes) == info["splits"][split]["bin_tokens"]
 
 
