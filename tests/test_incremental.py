@@ -207,7 +207,6 @@ def test_memory_bank_reorder_rows():
 
 
 def test_faiss_ivf_refuses_beam_reorder():
-    pytest.importorskip("faiss")
     from fairseq_longmem.modules.memory_factory import build_memory
     from fairseq_longmem.modules.memory_spec import MemorySpec
 
