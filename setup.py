@@ -49,7 +49,7 @@ setup(
             "longmem-preprocess = fairseq_longmem.preprocess.prepare_corpus:main",
             "longmem-report = fairseq_longmem.eval.report:main",
             "longmem-generate = fairseq_longmem.generate:main",
-            "longmem-import-hf = fairseq_longmem.hf_gpt2:main",
+            "longmem-import-hf = fairseq_longmem.cli:import_hf",
             "longmem-recall = fairseq_longmem.eval.recall:main",
             "longmem-synthetic-recall = fairseq_longmem.data.synthetic_recall:main",
         ]

@@ -196,6 +196,39 @@ def eval_lm(argv: Optional[List[str]] = None) -> int:
     return _run(cli_main, argv)
 
 
+def import_hf(argv: Optional[List[str]] = None) -> int:
+    """``longmem-import-hf``: a local HuggingFace GPT-2-family checkpoint -> a fairseq
+    ``transformer_lm`` backbone (``model.pt``) + ``dict.txt``; nothing is downloaded."""
+    import argparse
+
+    from .hf_gpt2 import import_hf_gpt2
+
+    p = argparse.ArgumentParser(
+        prog="longmem-import-hf",
+        description="Local HuggingFace GPT-2-family checkpoint -> fairseq transformer_lm "
+                    "backbone (model.pt) + dict.txt. Nothing is downloaded.",
+    )
+    p.add_argument("--hf-dir", required=True, help="folder with config.json and model.safetensors "
+                   "(or pytorch_model.bin), e.g. a save_pretrained output")
+    p.add_argument("--out", required=True, help="output folder: model.pt, dict.txt, hf_vocab.json, "
+                   "and the tokenizer files found in --hf-dir")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    try:
+        summary = import_hf_gpt2(args.hf_dir, args.out)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['model']} ({summary['layers']} x {summary['dim']}, {summary['heads']} heads, "
+          f"{summary['positions']} positions, vocabulary {summary['vocab_size']}, "
+          f"{'tied' if summary['tied'] else 'untied'} output, {summary['parameters']:,} parameters) "
+          f"and {summary['dict']}")
+    if not summary["tokenizer_files"]:
+        print(f"note: no tokenizer files in {args.hf_dir}; give longmem-preprocess --tokenizer "
+              "the folder that has the model's tokenizer.json (or vocab.json + merges.txt)")
+    return 0
+
+
 if __name__ == "__main__":  # python -m fairseq_longmem.cli {train,eval-lm} ...
     commands = {"train": train, "eval-lm": eval_lm}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:

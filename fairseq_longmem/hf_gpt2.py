@@ -22,14 +22,12 @@ are mapped here, tensor by tensor (docs/backbones.md):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import torch
 
@@ -287,42 +285,3 @@ def import_hf_gpt2(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, object]:
     }
     logger.info("imported %s -> %s: %s", hf_dir, out, json.dumps(summary))
     return summary
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="longmem-import-hf",
-        description="Local HuggingFace GPT-2-family checkpoint -> fairseq transformer_lm "
-                    "backbone (model.pt) + dict.txt. Nothing is downloaded.",
-    )
-    p.add_argument("--hf-dir", required=True, help="folder with config.json and model.safetensors "
-                   "(or pytorch_model.bin), e.g. a save_pretrained output")
-    p.add_argument("--out", required=True, help="output folder: model.pt, dict.txt, hf_vocab.json, "
-                   "and the tokenizer files found in --hf-dir")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console script ``longmem-import-hf``; exit status 2 with ``error: ...`` on bad input."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    try:
-        summary = import_hf_gpt2(args.hf_dir, args.out)
-    except LongMemError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {summary['model']} ({summary['layers']} x {summary['dim']}, {summary['heads']} heads, "
-          f"{summary['positions']} positions, vocabulary {summary['vocab_size']}, "
-          f"{'tied' if summary['tied'] else 'untied'} output, {summary['parameters']:,} parameters) "
-          f"and {summary['dict']}")
-    if not summary["tokenizer_files"]:
-        print(f"note: no tokenizer files in {args.hf_dir}; give longmem-preprocess --tokenizer "
-              "the folder that has the model's tokenizer.json (or vocab.json + merges.txt)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,8 @@ from hf_models import eval_lm_inprocess, hf_perplexity, save_tiny_gpt2
 pytest.importorskip("transformers")
 
 from fairseq_longmem.errors import LongMemError  # noqa: E402
-from fairseq_longmem.hf_gpt2 import HFImportError, import_hf_gpt2, main  # noqa: E402
+from fairseq_longmem.cli import import_hf as main  # noqa: E402
+from fairseq_longmem.hf_gpt2 import HFImportError, import_hf_gpt2  # noqa: E402
 from fairseq_longmem.hf_vocab import VocabMap, load_vocab_map  # noqa: E402
 
 # (vocab, eos, positions, tied, extra config, safetensors)
@@ -160,7 +161,7 @@ def test_unsupported_options_are_refused(tmp_path, change, message):
 
 def test_console_script_is_installed_and_converts(tmp_path):
     save_tiny_gpt2(tmp_path / "hf", 101, 100)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from fairseq_longmem.hf_gpt2 import main; "
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fairseq_longmem.cli import import_hf as main; "
                            "sys.exit(main())", "--hf-dir", str(tmp_path / "hf"), "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
