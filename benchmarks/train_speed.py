@@ -249,11 +249,11 @@ class SectionTimer:
 
 
 def instrument_banks(model, timer: SectionTimer) -> int:
-    """Wrap every memory bank's search/write (instance attributes only)."""
+    """Wrap every memory bank's select/write (instance attributes only)."""
     n = 0
     for bank in model.decoder.memories.values():
         if not getattr(bank, "_speed_wrapped", False):
-            bank.search = timer.wrap("retrieval", bank.search)
+            bank.select = timer.wrap("retrieval", bank.select)
             bank.write = timer.wrap("write", bank.write)
             bank._speed_wrapped = True
             n += 1
@@ -556,7 +556,7 @@ def run(args) -> Dict:
 PARTS = [
     ("search", "chunk search (scores + top-k)"),
     ("gather", "gather retrieved keys/values"),
-    ("retrieve_other", "rest of bank.search (validity, masks, indices)"),
+    ("retrieve_other", "rest of bank.select (validity, masks, indices)"),
     ("attention_fwd", "memory attention + gate, forward"),
     ("attention_bwd", "memory attention + gate, backward"),
     ("write", "memory write (+ reset)"),
@@ -588,10 +588,10 @@ def profiler_ranges(dec):
 
     patch(memory_bank, "search_chunks", "search")
     patch(memory_bank, "gather_chunk_tokens", "gather")
-    for attr in ("memory_attention", "gate_mix"):
+    for attr in ("memory_attention_chunks", "gate_mix"):
         patch(memory_reader, attr, "attention")
     for bank in dec.memories.values():
-        patch(bank, "search", "retrieve")
+        patch(bank, "select", "retrieve")
         patch(bank, "write", "write")
         patch(bank, "reset", "write")
     try:
@@ -614,11 +614,12 @@ def memory_parts_ms(events) -> Dict[str, float]:
     """Milliseconds (summed over ``events``) of each part of :data:`PARTS`.
 
     A range nested in another memory range counts for the outer one (the
-    gather inside a write is write time). The backward of the memory attention
+    gather inside a write is write time), except the gather inside the
+    attention (blocks of the retrieved keys/values), which is gather time. The backward of the memory attention
     is every autograd node whose forward op ran inside a ``attention`` range
     (matched by the autograd sequence number)."""
     us = {name: 0.0 for name, _ in PARTS}
-    retrieve = gathered_in_retrieve = searched_in_retrieve = 0.0
+    retrieve = gathered_in_retrieve = searched_in_retrieve = gathered_in_attention = 0.0
     attention_seq = set()
     for e in events:
         if not e.name.startswith(RANGE):
@@ -642,6 +643,8 @@ def memory_parts_ms(events) -> Dict[str, float]:
                     gathered_in_retrieve += e.cpu_time_total
                 else:
                     searched_in_retrieve += e.cpu_time_total
+            elif part == "gather" and parent.name == RANGE + "attention":
+                gathered_in_attention += e.cpu_time_total
             continue
         if part == "retrieve":
             retrieve += e.cpu_time_total
@@ -650,7 +653,8 @@ def memory_parts_ms(events) -> Dict[str, float]:
         elif part == "attention":
             us["attention_fwd"] += e.cpu_time_total
     us["search"] += searched_in_retrieve
-    us["gather"] += gathered_in_retrieve
+    us["gather"] += gathered_in_retrieve + gathered_in_attention
+    us["attention_fwd"] = max(0.0, us["attention_fwd"] - gathered_in_attention)
     us["retrieve_other"] = max(0.0, retrieve - searched_in_retrieve - gathered_in_retrieve)
     prefix = "autograd::engine::evaluate_function: "
     for e in events:

@@ -316,7 +316,8 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
 
         Returns ``(logits, extra)``; extra holds ``inner_states``,
         ``memory_stats`` (fill, read fraction, gate) and, with memory,
-        ``retrieval`` (:class:`Retrieved`) and ``written`` (the keys/values written).
+        ``retrieval`` (:class:`~fairseq_longmem.modules.memory_bank.Selection`,
+        the chunks each query read) and ``written`` (the keys/values written).
 
         With ``incremental_state`` (fairseq's generators): the tokens not yet
         decoded are run under segment semantics (:mod:`..modules.incremental`);

@@ -24,7 +24,22 @@ def memory_attention(
     q: ``(bsz, heads, tgt_len, d)`` (unscaled); mem_k, mem_v:
     ``(bsz, heads, tgt_len, k, d)``; mem_mask: ``(bsz, heads, tgt_len, k)``.
     Returns ``(out (bsz, heads, tgt_len, d), has_memory (bsz, heads, tgt_len))``.
+
+    On CPU, with keys and values that need no gradient (a memory's never do),
+    the backward is :class:`_MemoryAttentionFn`'s; elsewhere autograd's.
     """
+    if q.device.type == "cpu" and not (mem_k.requires_grad or mem_v.requires_grad):
+        return _MemoryAttentionFn.apply(q, mem_k, mem_v, mem_mask, dropout_p, training)
+    return _memory_attention(q, mem_k, mem_v, mem_mask, dropout_p, training)[:2]
+
+
+def _memory_attention(
+    q: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor, dropout_p: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The forward of :func:`memory_attention`; also returns the attention
+    probabilities ``(bsz, heads, tgt_len, k)`` (fp32) and the dropout's scale
+    (None without dropout), which the hand-written backward needs."""
     scale = q.size(-1) ** -0.5
     mem_k = mem_k.to(q.dtype)
     mem_v = mem_v.to(q.dtype)
@@ -33,10 +48,106 @@ def memory_attention(
     has_memory = mem_mask.any(-1)
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(has_memory.unsqueeze(-1), probs, torch.zeros_like(probs))
+    drop = None
+    used = probs
     if dropout_p > 0 and training:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.einsum("bhtk,bhtkd->bhtd", probs.to(mem_v.dtype), mem_v)
-    return out, has_memory
+        # dropout(probs) as F.dropout draws it (same random numbers), with its scale kept
+        drop = F.dropout(torch.ones_like(probs), p=dropout_p, training=True)
+        used = probs * drop
+    out = torch.einsum("bhtk,bhtkd->bhtd", used.to(mem_v.dtype), mem_v)
+    return out, has_memory, probs, drop
+
+
+class _MemoryAttentionFn(torch.autograd.Function):
+    """:func:`memory_attention` with a hand-written backward for the queries only.
+
+    The retrieved keys and values come from the memory, which is never
+    differentiated. On CPU, autograd's backward of the two einsums runs a
+    strided batched matmul that loops over the (stream, head, query) matrices
+    one at a time (measured at the quickstart's shapes: 300 of the memory
+    attention's 440 ms over 5 steps); here the backward is two more einsums of
+    the forward's fast shapes and the softmax's backward:
+    ``dS = P * (dP - sum(dP * P))``, ``dq = scale * dS @ K``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, mem_k, mem_v, mem_mask, dropout_p, training):
+        out, has_memory, probs, drop = _memory_attention(
+            q, mem_k, mem_v, mem_mask, dropout_p, training
+        )
+        ctx.save_for_backward(probs, mem_k, mem_v, drop)
+        ctx.q_dtype = q.dtype
+        ctx.scale = q.size(-1) ** -0.5
+        ctx.mark_non_differentiable(has_memory)
+        return out, has_memory
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_has_memory):
+        probs, mem_k, mem_v, drop = ctx.saved_tensors
+        mem_k = mem_k.to(ctx.q_dtype)
+        mem_v = mem_v.to(ctx.q_dtype)
+        grad_out = grad_out.to(mem_v.dtype).contiguous()  # strided: a slow bmm loop on CPU
+        grad_used = torch.einsum("bhtd,bhtkd->bhtk", grad_out, mem_v).float()
+        grad_probs = grad_used if drop is None else grad_used * drop
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        grad_q = torch.einsum(
+            "bhtk,bhtkd->bhtd", (grad_scores * ctx.scale).to(mem_k.dtype), mem_k
+        )
+        return grad_q.to(ctx.q_dtype), None, None, None, None, None
+
+
+# Largest gathered block (keys or values) on CPU: a block stays below glibc's
+# largest mmap threshold (32 MiB), so it comes from the heap and is reused instead
+# of being mapped and page-faulted in at every step (measured at the quickstart's
+# shapes: one 32 MiB gather 15.3 ms, the same in eight 4 MiB blocks 2.3 ms)
+CPU_GATHER_BLOCK_BYTES = 8 << 20
+
+
+def memory_attention_chunks(
+    q: Tensor, store_k: Tensor, store_v: Tensor, chunk_index: Tensor, mem_mask: Tensor,
+    chunk_size: int, dropout_p: float = 0.0, training: bool = False,
+    block_bytes: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`memory_attention` over the chunks a search chose, gathering them from
+    the memory's ring buffers a block of (stream, head) rows at a time.
+
+    q: ``(bsz, heads, tgt_len, d)``; store_k, store_v: ``(bsz, heads, slots, d)``
+    (:class:`.memory_bank.MemoryBank`'s ``keys``/``values``, on any device);
+    chunk_index: ``(bsz, heads, tgt_len, kc)`` ring chunk slots, on the store's
+    device; mem_mask: ``(bsz, heads, tgt_len, kc * chunk_size)``. Returns
+    ``(out (bsz, heads, tgt_len, d), has_memory (bsz, heads, tgt_len))``, the
+    same as gathering everything first (``MemoryBank.gather``) and calling
+    :func:`memory_attention`. ``block_bytes`` bounds one gathered block
+    (default: :data:`CPU_GATHER_BLOCK_BYTES` on CPU; one block elsewhere, where
+    each block is more kernel launches and large allocations are cached).
+    """
+    from .memory_bank import gather_chunk_tokens  # memory_bank does not import this module
+
+    bsz, heads, tgt_len, d = q.shape
+    kc = chunk_index.size(-1)
+    if block_bytes is None:
+        block_bytes = CPU_GATHER_BLOCK_BYTES if store_k.device.type == "cpu" else 0
+    rows = bsz * heads
+    per_row = tgt_len * kc * chunk_size * d * store_k.element_size()
+    step = rows if block_bytes <= 0 else max(1, block_bytes // max(1, per_row))
+    if step >= rows:
+        mem_k = gather_chunk_tokens(store_k, chunk_index, chunk_size).to(q.device)
+        mem_v = gather_chunk_tokens(store_v, chunk_index, chunk_size).to(q.device)
+        return memory_attention(q, mem_k, mem_v, mem_mask, dropout_p, training)
+    slots = store_k.size(-2)
+    flat = lambda t, n: t.reshape(1, rows, n, t.size(-1))  # noqa: E731  (1, rows, n, x)
+    sk, sv = flat(store_k, slots), flat(store_v, slots)
+    qf, idx, msk = flat(q, tgt_len), flat(chunk_index, tgt_len), flat(mem_mask, tgt_len)
+    outs, has = [], []
+    for r in range(0, rows, step):
+        e = min(r + step, rows)
+        mem_k = gather_chunk_tokens(sk[:, r:e], idx[:, r:e], chunk_size).to(q.device)
+        mem_v = gather_chunk_tokens(sv[:, r:e], idx[:, r:e], chunk_size).to(q.device)
+        o, h = memory_attention(qf[:, r:e], mem_k, mem_v, msk[:, r:e], dropout_p, training)
+        outs.append(o)
+        has.append(h)
+    out = torch.cat(outs, 1).view(bsz, heads, tgt_len, d)
+    return out, torch.cat(has, 1).view(bsz, heads, tgt_len)
 
 
 def gate_mix(local: Tensor, memory: Tensor, gate: Tensor, has_memory: Tensor) -> Tensor:

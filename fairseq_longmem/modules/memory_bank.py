@@ -75,21 +75,27 @@ def check_memory_config(memory_size: int, chunk_size: int, k: int) -> None:
 
 
 @dataclass
-class Retrieved:
-    """What a search returns, per query token and head.
+class Selection:
+    """Which chunks a search chose, per query token and head (nothing gathered).
 
-    keys, values: ``(bsz, heads, tgt_len, k, head_dim)``
     mask: ``(bsz, heads, tgt_len, k)`` True where the pair is real memory
     chunk_index: ``(bsz, heads, tgt_len, k // chunk_size)`` ring chunk slots
     chunk_logical: same shape, logical chunk number since the row's reset
         (-1 where invalid): lets callers check *what* was retrieved.
     """
 
-    keys: Tensor
-    values: Tensor
     mask: Tensor
     chunk_index: Tensor
     chunk_logical: Tensor
+
+
+@dataclass
+class Retrieved(Selection):
+    """A :class:`Selection` with the chosen tokens' keys and values gathered,
+    ``(bsz, heads, tgt_len, k, head_dim)`` each."""
+
+    keys: Tensor
+    values: Tensor
 
 
 def chunk_validity(
@@ -554,16 +560,32 @@ class MemoryBank:
         ``(bsz, tgt_len)`` bool, False for queries that must see no memory (e.g.
         a new document). Returns a :class:`Retrieved` on the bank's device.
         """
-        return self._search(queries, k, query_mask, self._select_chunks)
+        return self.gather(self._select(queries, k, query_mask, self._select_chunks))
 
     def search_exact(
         self, queries: Tensor, k: int, query_mask: Optional[Tensor] = None
     ) -> Retrieved:
         """:meth:`search` with the exact torch top-k whatever the backend (the
         reference approximate backends are measured against)."""
-        return self._search(queries, k, query_mask, MemoryBank._select_chunks.__get__(self))
+        return self.gather(
+            self._select(queries, k, query_mask, MemoryBank._select_chunks.__get__(self))
+        )
 
-    def _search(self, queries, k, query_mask, select) -> Retrieved:
+    def select(
+        self, queries: Tensor, k: int, query_mask: Optional[Tensor] = None
+    ) -> Selection:
+        """:meth:`search` without the gather: which chunks each query reads.
+        The memory layer gathers them block by block
+        (:func:`.joint_attention.memory_attention_chunks`)."""
+        return self._select(queries, k, query_mask, self._select_chunks)
+
+    def gather(self, sel: Selection) -> Retrieved:
+        """The keys and values of a :class:`Selection`'s chunks, on the bank's device."""
+        mem_k = gather_chunk_tokens(self.keys, sel.chunk_index, self.chunk_size)
+        mem_v = gather_chunk_tokens(self.values, sel.chunk_index, self.chunk_size)
+        return Retrieved(sel.mask, sel.chunk_index, sel.chunk_logical, mem_k, mem_v)
+
+    def _select(self, queries, k, query_mask, select) -> Selection:
         bsz, heads, tgt_len, d = queries.shape
         self._check_shape(bsz, heads, d)
         if k % self.chunk_size != 0 or k > self.memory_size or k < 1:
@@ -578,15 +600,13 @@ class MemoryBank:
         valid, logical = chunk_validity(self.total, self.num_chunks, self.chunk_size)
         kc = k // self.chunk_size
         index, ok = select(queries.detach(), kc, valid, query_mask)
-        mem_k = gather_chunk_tokens(self.keys, index, self.chunk_size)
-        mem_v = gather_chunk_tokens(self.values, index, self.chunk_size)
         if query_mask is not None:
             ok = ok & query_mask[:, None, :, None]
         chunk_logical = torch.gather(
             logical[:, None, None, :].expand(bsz, heads, tgt_len, self.num_chunks), 3, index
         ).masked_fill(~ok, -1)
         mask = ok.repeat_interleave(self.chunk_size, dim=-1)
-        return Retrieved(mem_k, mem_v, mask, index, chunk_logical)
+        return Selection(mask, index, chunk_logical)
 
     def _select_chunks(
         self, queries: Tensor, kc: int, valid: Tensor, query_mask: Optional[Tensor]

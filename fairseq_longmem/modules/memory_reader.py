@@ -11,8 +11,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .joint_attention import gate_mix, memory_attention
-from .memory_bank import MemoryBank, Retrieved
+from .joint_attention import gate_mix, memory_attention_chunks
+from .memory_bank import MemoryBank, Selection
 
 
 class JointMemoryReader:
@@ -31,16 +31,16 @@ class JointMemoryReader:
         self.k = k
         self.attn_dropout = attn_dropout
         self.training = training
-        self.retrieved: Optional[Retrieved] = None
+        self.retrieved: Optional[Selection] = None
         self.stats: Dict[str, Tensor] = {}
 
     def __call__(self, q: Tensor, local: Tensor) -> Tensor:
         """q, local: ``(bsz, heads, tgt_len, head_dim)`` queries and local attention
         output; returns the gated mix, same shape."""
-        got = self.bank.search(q.detach(), self.k, self.query_mask)
-        mem_out, has_memory = memory_attention(
-            q, got.keys.to(q.device), got.values.to(q.device), got.mask.to(q.device),
-            dropout_p=self.attn_dropout, training=self.training,
+        got = self.bank.select(q.detach(), self.k, self.query_mask)
+        mem_out, has_memory = memory_attention_chunks(
+            q, self.bank.keys, self.bank.values, got.chunk_index, got.mask.to(q.device),
+            self.bank.chunk_size, dropout_p=self.attn_dropout, training=self.training,
         )
         self.retrieved = got
         self.stats = {
