@@ -129,3 +129,4 @@ for name in ("speed_flex", "speed_sdpa"):
           f"{r['flex_attention_calls_per_step']:.0f}, syncs {r['syncs_in_step']}")
 EOF
 say "done in ${SECONDS}s"
+sleep 1  # let tee write the log's last lines before the call returns

@@ -99,9 +99,13 @@ def test_flex_gradients_equal_sdpa_with_bias(cpu_flex_backward, heads, t):
 
 
 def test_local_attention_dispatch(flex_on):
-    q, k, v = qkv(2, 4, 33, 8)
-    bias = alibi_bias(alibi_slopes(4), 33)
+    q, k, v = qkv(2, 4, 128, 8)
+    bias = alibi_bias(alibi_slopes(4), 128)
     out = local_attention(q, k, v, bias)
+    assert len(flex_on) == 1
+    # a length that is not a multiple of the block (one compilation per length): SDPA
+    odd = alibi_bias(alibi_slopes(4), 33)
+    local_attention(q[:, :, :33], k[:, :, :33], v[:, :, :33], odd)
     assert len(flex_on) == 1
     torch.testing.assert_close(out, sdpa_bias(q, k, v, bias), rtol=1e-5, atol=1e-5)
     # not an ALiBi bias of alibi_bias: SDPA, same numbers
@@ -135,7 +139,8 @@ def tiny_longmem(seed=1):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import train_speed
 
-    args = train_speed.parse_args(["--tiny", "--dropout", "0.0", "--dtype", "fp32"])
+    args = train_speed.parse_args(["--tiny", "--dropout", "0.0", "--dtype", "fp32",
+                                   "--tokens-per-sample", "128", "--batch-size", "1"])
     torch.manual_seed(seed)
     model, _ = train_speed.build_model(args, torch.device("cpu"))
     model.train()

@@ -19,7 +19,8 @@ modified in place.
 The flex path runs where :func:`flex_attention_available`: a CUDA device,
 ``torch.nn.attention.flex_attention`` importable, and the environment variable
 ``LONGMEM_FLEX_ATTENTION`` unset or not ``0``; and only without attention
-dropout (FlexAttention has none: with ``dropout_p > 0`` SDPA runs). On CUDA the
+dropout (FlexAttention has none: with ``dropout_p > 0`` SDPA runs), for segment
+lengths that are multiples of :data:`FLEX_BLOCK` (:func:`flex_supported`). On CUDA the
 function is ``torch.compile``'d once (its first calls compile the kernels);
 elsewhere (the CPU tests) it runs eagerly.
 """
@@ -42,6 +43,9 @@ except ImportError:  # pragma: no cover - older torch
     HAS_FLEX = False
 
 FLEX_ENV = "LONGMEM_FLEX_ATTENTION"
+# FlexAttention's default block: local_attention takes the flex path for lengths that
+# are multiples of it (whole blocks; one compilation per length)
+FLEX_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,10 @@ def _flex_fn(device: torch.device) -> Callable:
 
 def flex_supported(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> bool:
     """Whether these inputs fit the flex path: square causal self-attention,
-    ``(bsz, heads, T, d)`` of one dtype, bias ``(1, heads, T, T)``."""
+    ``(bsz, heads, T, d)`` of one dtype, bias ``(1, heads, T, T)``, and ``T`` a
+    multiple of :data:`FLEX_BLOCK`. The kernel is compiled for each length (and
+    with and without gradients), so other lengths (an evaluation's last short
+    segment, a probe's odd span) take SDPA instead of a compilation each."""
     t = q.size(-2)
     return (
         q.dim() == 4
@@ -129,6 +136,7 @@ def flex_supported(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> bool:
         and q.dtype == k.dtype == v.dtype
         and tuple(bias.shape) == (1, q.size(1), t, t)
         and t > 0
+        and t % FLEX_BLOCK == 0
     )
 
 
