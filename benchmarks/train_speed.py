@@ -66,6 +66,7 @@ Examples::
     python benchmarks/train_speed.py --device cuda --search torch --out torch.json
     python benchmarks/train_speed.py --device cuda --search fused --out fused.json
     python benchmarks/train_speed.py --tiny            # CPU, seconds (the test runs this)
+    python benchmarks/train_speed.py --search fused --reference --op-profile  # vs plain PyTorch
 """
 
 from __future__ import annotations
@@ -188,7 +189,13 @@ def flops_per_token(model, args, memory_on: bool) -> Dict[str, float]:
     dec = model.decoder
     p_b = sum(count_params(layer) for layer in dec.backbone.layers)
     p_s = sum(count_params(layer) for layer in dec.side.layers)
-    l_b, l_s = len(dec.backbone.layers), len(dec.side.layers)
+    return flops_from_counts(args, p_b, p_s, len(dec.backbone.layers), len(dec.side.layers),
+                             memory_on)
+
+
+def flops_from_counts(args, p_b: int, p_s: int, l_b: int, l_s: int,
+                      memory_on: bool) -> Dict[str, float]:
+    """The formula of the module docstring from layer parameter counts and depths."""
     d, t, v, k = args.dim, args.tokens_per_sample, args.vocab, args.k
     parts = {
         "backbone_fwd": 2 * p_b + 4 * l_b * t * d,
@@ -260,7 +267,57 @@ def instrument_banks(model, timer: SectionTimer) -> int:
     return n
 
 
-COUNTS = {"fused_search_calls": 0}
+COUNTS = {"fused_search_calls": 0, "flex_attention_calls": 0}
+
+
+@contextmanager
+def count_flex_calls():
+    """Count the local attentions that took the FlexAttention path
+    (``joint_attention.alibi_flex_attention``) into ``COUNTS``."""
+    from fairseq_longmem.modules import joint_attention
+
+    saved = joint_attention.alibi_flex_attention
+
+    def counted(*a, **kw):
+        COUNTS["flex_attention_calls"] += 1
+        return saved(*a, **kw)
+
+    joint_attention.alibi_flex_attention = counted
+    try:
+        yield
+    finally:
+        joint_attention.alibi_flex_attention = saved
+
+
+def time_steps(step, steps: int, device) -> tuple:
+    """Mean seconds per call of ``step`` over ``steps`` calls (device synchronised
+    around), and the last call's result."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = step()
+    sync(device)
+    return (time.perf_counter() - t0) / steps, out
+
+
+def op_profile(step, device, rows: int = 20) -> str:
+    """``torch.profiler`` table of one call of ``step``: the top ``rows`` operators by
+    self device time (CUDA), by self CPU time elsewhere."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    keys = ["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda" else []
+    for key in keys + ["self_cpu_time_total"]:
+        try:
+            return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return prof.key_averages().table(row_limit=rows)
 
 
 @contextmanager
@@ -356,13 +413,7 @@ class Trainer:
 
     def timed(self, steps: int):
         """Mean seconds per step over ``steps`` steps (device synchronised around)."""
-        sync(self.device)
-        t0 = time.perf_counter()
-        loss = None
-        for _ in range(steps):
-            loss = self.step()
-        sync(self.device)
-        return (time.perf_counter() - t0) / steps, loss
+        return time_steps(self.step, steps, self.device)
 
 
 def count_syncs(trainer) -> Optional[int]:
@@ -425,7 +476,15 @@ def run(args) -> Dict:
 
     from fairseq_longmem.modules import fused_search
 
+    from fairseq_longmem.modules import flex_alibi
+
     fused_active = args.search == "fused" and fused_search.fused_search_available(device)
+    reference = None
+    if args.reference:
+        from benchmarks.reference_step import ReferenceTrainer
+
+        torch.manual_seed(args.seed)
+        reference = ReferenceTrainer(args, device, dropout=dec.side.layers[0].dropout_module.p)
     result: Dict = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -434,8 +493,9 @@ def run(args) -> Dict:
         "build_s": build_s,
         "trainable_params": trainer.trainable,
         "frozen_params": trainer.frozen,
+        "flex_attention_available": flex_alibi.flex_attention_available(device),
     }
-    with search_impl(args.search, timer):
+    with search_impl(args.search, timer), count_flex_calls():
         # 1. fill: enough segments that every stream's memory is full (untimed)
         fill_segments = math.ceil(args.memory_size / args.tokens_per_sample) + 1
         t0 = time.perf_counter()
@@ -457,9 +517,12 @@ def run(args) -> Dict:
             dec.cfg.use_external_memory = use_memory
             for _ in range(args.warmup):
                 trainer.step()
+        for _ in range(args.warmup if reference else 0):
+            reference.step()
         timer.reset()
-        on_s, off_s = [], []
-        loss_on = loss_off = float("nan")
+        flex_before = COUNTS["flex_attention_calls"]
+        on_s, off_s, ref_s = [], [], []
+        loss_on = loss_off = loss_ref = float("nan")
         for _ in range(args.repeats):
             dec.cfg.use_external_memory = True
             timer.enabled = True
@@ -471,7 +534,13 @@ def run(args) -> Dict:
             t, loss = trainer.timed(args.steps)
             off_s.append(t)
             loss_off = float(loss)
+            if reference is not None:
+                t, loss = time_steps(reference.step, args.steps, device)
+                ref_s.append(t)
+                loss_ref = float(loss)
         timed_steps = args.steps * args.repeats
+        # local attentions through FlexAttention per timed step (both ways)
+        flex_per_step = (COUNTS["flex_attention_calls"] - flex_before) / (2 * timed_steps)
         write_ms = timer.total_ms("write") / timed_steps
         topk_ms = timer.total_ms("topk") / timed_steps
         retrieval_ms = timer.total_ms("retrieval") / timed_steps
@@ -486,6 +555,12 @@ def run(args) -> Dict:
             trainer.step()
             sync(device)
             peaks[use_memory] = peak_memory_bytes(device)
+        if reference is not None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            reference.step()
+            sync(device)
+            peaks["reference"] = peak_memory_bytes(device)
         dec.cfg.use_external_memory = True
         syncs = count_syncs(trainer)
 
@@ -493,6 +568,13 @@ def run(args) -> Dict:
         breakdown = None
         if args.profile_steps > 0 and device.type == "cpu":
             breakdown = profile_breakdown(trainer, dec, args.profile_steps)
+        # top operators of one no-memory step (and one reference step): where a gap is
+        ops = None
+        if args.op_profile:
+            dec.cfg.use_external_memory = False
+            ops = {"no_memory": op_profile(trainer.step, device)}
+            if reference is not None:
+                ops["reference"] = op_profile(reference.step, device)
         dec.cfg.use_external_memory = True
 
     ratios = [a / b for a, b in zip(on_s, off_s)]
@@ -546,8 +628,28 @@ def run(args) -> Dict:
                 "overhead_ratio_max": max(ratios),
             },
             "breakdown": breakdown,
+            "flex_attention_calls": COUNTS["flex_attention_calls"],
+            "flex_attention_calls_per_step": flex_per_step,
+            "op_profile": ops,
         }
     )
+    if reference is not None:
+        p_b, p_s = reference.layer_params()
+        f_ref = flops_from_counts(args, p_b, p_s, args.layers, args.layers // args.reduction,
+                                  memory_on=False)
+        step_ref_s = statistics.median(ref_s)
+        result["reference"] = {
+            "step_ms": 1000 * step_ref_s,
+            "tokens_per_s": tokens / step_ref_s,
+            "flops_per_token": f_ref["total"],
+            "mfu": f_ref["total"] * tokens / step_ref_s / peak,
+            "trainable_params": reference.trainable,
+            "peak_memory_bytes": peaks["reference"],
+            "loss": loss_ref,
+            "rounds_step_ms": [1000 * t for t in ref_s],
+        }
+        # > 1: the project's no-memory step is slower than plain PyTorch's
+        result["no_memory_vs_reference"] = step_off_ms / result["reference"]["step_ms"]
     return result
 
 
@@ -735,6 +837,13 @@ def parse_args(argv=None):
                    help="backbone (and so side network) dropout; default the arch's (0.1), "
                         "0 for quickstart")
     p.add_argument("--tune-lm-head", action="store_true")
+    p.add_argument("--reference", action="store_true",
+                   help="also time a plain-PyTorch step of the same shapes without memory "
+                        "(benchmarks/reference_step.py: SDPA is_causal, no ALiBi, no fairseq) "
+                        "in the same interleaved rounds: reference.*, no_memory_vs_reference")
+    p.add_argument("--op-profile", action="store_true",
+                   help="torch.profiler table (top 20 operators by self CUDA time; CPU time on "
+                        "CPU) of one no-memory step, and of one reference step with --reference")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s of the device for MFU (H100 SXM bf16: 989)")
     p.add_argument("--seed", type=int, default=1)
@@ -786,6 +895,17 @@ def summary(r: Dict) -> str:
         f"FLOPs/token {r['flops_per_token'] / 1e9:.3f} G (+ search "
         f"{r['flops_breakdown']['search_flops_per_token'] / 1e9:.3f} G, not in MFU)",
     ]
+    ref = r.get("reference")
+    if ref:
+        lines.append(
+            f"reference : {ref['step_ms']:9.2f} ms/step  {ref['tokens_per_s']:12.0f} tok/s  "
+            f"MFU {100 * ref['mfu']:5.1f}%  peak mem {ref['peak_memory_bytes'] / gib:.2f} GiB  "
+            f"(plain PyTorch, SDPA is_causal; no-memory step / reference "
+            f"x{r['no_memory_vs_reference']:.3f})")
+    lines.append(f"local attention: FlexAttention available {r['flex_attention_available']}, "
+                 f"{r['flex_attention_calls_per_step']:.1f} flex calls per timed step")
+    for name, table in (r.get("op_profile") or {}).items():
+        lines += ["", f"top operators, one {name.replace('_', '-')} step:", table]
     b = r.get("breakdown")
     if b:
         lines += [

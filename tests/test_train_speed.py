@@ -113,3 +113,51 @@ def test_flops_formula_at_paper_shapes(tmp_path):
         f[x] for x in ("backbone_fwd", "side_fwd_bwd", "memory_attention", "lm_head")
     )
     assert 1.9e9 < r["flops_per_token"] < 2.0e9
+
+
+def test_reference_step_beside_the_projects(tmp_path):
+    """--reference: a plain-PyTorch step of the same shapes timed in the same rounds;
+    --op-profile: top operators of one no-memory and one reference step."""
+    r, stdout = run_script(tmp_path, "--tiny", "--steps", "1", "--warmup", "1", "--repeats", "2",
+                           "--profile-steps", "0", "--reference", "--op-profile")
+    ref = r["reference"]
+    for key in ("step_ms", "tokens_per_s", "flops_per_token", "mfu", "peak_memory_bytes", "loss"):
+        assert finite(ref[key]) and ref[key] > 0, (key, ref[key])
+    assert len(ref["rounds_step_ms"]) == 2
+    assert r["no_memory_vs_reference"] == pytest.approx(r["no_memory"]["step_ms"] / ref["step_ms"])
+    # same shapes: same layer parameters (so same FLOPs), same trainable parameters but the
+    # project's memory gate (one logit per head)
+    assert ref["flops_per_token"] == r["no_memory"]["flops_per_token"]
+    assert r["trainable_params"] - ref["trainable_params"] == 4
+    assert 3 < ref["loss"] < 12  # ~ln(1000) at random init
+    assert "aten::" in r["op_profile"]["no_memory"] and "aten::" in r["op_profile"]["reference"]
+    assert "reference :" in stdout and "top operators, one reference step" in stdout
+    assert r["flex_attention_available"] is False and r["flex_attention_calls_per_step"] == 0
+
+
+def test_reference_model_structure():
+    """Frozen backbone in eval mode, gradients in the side only, and the cross-network
+    residual: with every side block the identity the side ends at the backbone's h^L."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.reference_step import ReferenceModel
+
+    torch.manual_seed(0)
+    m = ReferenceModel(vocab=50, dim=16, heads=2, ffn=32, layers=4, reduction=2, dropout=0.1)
+    m.train()
+    assert not m.backbone[0].training and m.side[0].training
+    tokens = torch.randint(0, 50, (2, 7))
+    m(tokens).sum().backward()
+    assert all(p.grad is None for p in m.backbone.parameters()) and m.embed.weight.grad is None
+    assert all(p.grad is not None for p in m.side.parameters())
+    for block in m.side:  # identity blocks: zero output projections
+        for lin in (block.proj, block.fc2):
+            torch.nn.init.zeros_(lin.weight)
+            torch.nn.init.zeros_(lin.bias)
+    with torch.no_grad():
+        x = m.embed_scale * m.embed(tokens)
+        for block in m.backbone:
+            x = block(x)
+        want = torch.nn.functional.linear(m.side_norm(x), m.embed.weight)
+        torch.testing.assert_close(m(tokens), want, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from ..errors import LongMemError
 
+from .flex_alibi import register_alibi_bias
 from .joint_attention import local_attention
 
 # reader(q, local_out) -> new local_out; q and local_out are (bsz, heads, tgt_len, d)
@@ -48,7 +49,8 @@ def alibi_bias(slopes: Tensor, tgt_len: int, device=None) -> Tensor:
     dist = (pos[:, None] - pos[None, :]).float()
     bias = -slopes.to(device).view(-1, 1, 1) * dist
     bias = bias.masked_fill(dist < 0, float("-inf"))
-    return bias.unsqueeze(0)
+    # known as ALiBi (by identity) to local_attention's flex path
+    return register_alibi_bias(bias.unsqueeze(0), slopes)
 
 
 def check_layer_supported(layer: nn.Module) -> None:

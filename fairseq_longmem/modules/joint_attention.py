@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flex_alibi import alibi_flex_attention, alibi_spec, flex_attention_available, flex_supported
+
 
 def memory_attention(
     q: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor, dropout_p: float = 0.0,
@@ -170,9 +172,20 @@ def local_attention(
     q, k, v: ``(bsz, heads, tgt_len, d)``; attn_bias: ``None`` for a plain
     causal mask, else an additive float bias broadcastable to
     ``(bsz, heads, tgt_len, tgt_len)`` that already contains the causal mask.
+    An ALiBi bias made by :func:`~.decoder_layer.alibi_bias` runs through
+    FlexAttention with the bias computed in the kernel where
+    :func:`~.flex_alibi.flex_attention_available` (CUDA; ``LONGMEM_FLEX_ATTENTION=0``
+    turns it off) and ``dropout_p`` is 0; any other bias through SDPA.
     """
     if attn_bias is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    spec = alibi_spec(attn_bias) if dropout_p == 0 else None
+    if (
+        spec is not None
+        and flex_attention_available(q.device)
+        and flex_supported(q, k, v, attn_bias)
+    ):
+        return alibi_flex_attention(q, k, v, spec)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout_p
     )
