@@ -90,6 +90,39 @@ print("numpy", numpy.__version__, "fairseq", fairseq.__version__,
       "fused search available", fused_search.fused_search_available())
 EOF
 
+if [ "${GPU_CHECK_ROUND:-1}" = 2 ]; then
+    # round 2, after round 1 (docs/speed.md): the kernel's agreement test (rewritten), the
+    # kernel alone with every config, and the step with FlexAttention for the frozen
+    # backbone only (forward mode) and everywhere, at a vocabulary padded to a multiple of 8
+    # (fairseq's dictionaries are: 50,257 GPT-2 pieces -> 50,264) beside 50,257
+    part "a2. pytest kernel agreement" 60 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_search.py -k "agrees or kernel" \
+        "${A_ARGS[@]}"
+    part "b2. fused search bench --sweep" 60 \
+        "$PY" benchmarks/fused_search_bench.py $([ "$DRY" = 1 ] && echo --streams 1 --heads 2 \
+        --queries 64 --chunks 256 --reps 2) --sweep
+    for mode in forward 1; do
+        for vocab in 50264 50257; do
+            [ "$mode" = 1 ] && [ "$vocab" = 50257 ] && continue  # round 1 measured it
+            part "c2. train_speed flex=$mode vocab $vocab" 100 \
+                env LONGMEM_FLEX_ATTENTION=$mode "$PY" benchmarks/train_speed.py "${D_ARGS[@]}" \
+                --search fused --reference --profile-steps 0 \
+                $([ "$DRY" = 1 ] || echo --vocab $vocab) --out "$OUT/speed_${mode}_$vocab.json"
+        done
+    done
+    for f in "$OUT"/speed_*.json; do
+        "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); ref=r.get('reference') or {}; \
+print(sys.argv[1].split('/')[-1], 'on %.1f off %.1f ref %.1f ms; MFU on %.1f%% off %.1f%% ref %.1f%%; \
+off/ref %.3f; overhead %.3f; search %.1f ms; flex calls/step %.0f' % (r['step_ms'], \
+r['no_memory']['step_ms'], ref.get('step_ms', 0), 100*r['mfu'], 100*r['no_memory']['mfu'], \
+100*ref.get('mfu', 0), r.get('no_memory_vs_reference', 0), r['memory_overhead_ratio'], \
+r['search_ms'], r['flex_attention_calls_per_step']))" "$f"
+    done
+    say "done in ${SECONDS}s"
+    sleep 1
+    exit 0
+fi
+
 # a. kernel tests on CUDA (the CPU tests of these files run too: about a second)
 part "a. pytest fused search + flex" 90 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_search.py tests/test_flex_alibi.py \

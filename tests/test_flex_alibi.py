@@ -206,3 +206,22 @@ def test_compiled_flex_on_cuda_equals_sdpa_with_bias():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         via = local_attention(qb, kb, vb, bias)
     torch.testing.assert_close(via, out)
+
+
+def test_forward_mode_takes_flex_only_without_gradients(flex_on, monkeypatch):
+    """LONGMEM_FLEX_ATTENTION=forward: the frozen backbone's calls (no gradient) take
+    flex, the side network's (gradients) SDPA; a bad value is refused by name."""
+    monkeypatch.setenv(flex_alibi.FLEX_ENV, "forward")
+    q, k, v = qkv(1, 4, 128, 8)
+    bias = alibi_bias(alibi_slopes(4), 128)
+    with torch.no_grad():
+        local_attention(q, k, v, bias)
+    assert len(flex_on) == 1
+    local_attention(q, k, v, bias)  # no tensor needs a gradient: flex too
+    assert len(flex_on) == 2
+    qg = q.clone().requires_grad_()
+    local_attention(qg, k, v, bias)
+    assert len(flex_on) == 2
+    monkeypatch.setenv(flex_alibi.FLEX_ENV, "fwd")
+    with pytest.raises(ValueError, match="LONGMEM_FLEX_ATTENTION"):
+        local_attention(q, k, v, bias)

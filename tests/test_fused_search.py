@@ -297,5 +297,12 @@ def test_memory_bank_uses_kernel_on_cuda_and_agrees(monkeypatch):
     monkeypatch.setenv("LONGMEM_FUSED_SEARCH", "0")
     plain = bank.search(q, 64)
     assert calls, "the kernel was not used"
-    same = (fused.chunk_index.sort(-1).values == plain.chunk_index.sort(-1).values).float().mean()
-    assert same > 0.99  # bf16 near-ties aside
+    # the kernel ranks by the fp32 accumulator: its chunks are the exact fp32 top-16 of
+    # the bf16 inputs (score values equal); the plain path ranks scores rounded to bf16,
+    # so at the boundary it may pick a chunk that only ties after rounding
+    exact = torch.matmul(q.float(), bank.chunk_keys.float().transpose(-1, -2))
+    want = exact.topk(16, dim=-1).values
+    got = exact.gather(-1, fused.chunk_index).sort(-1, descending=True).values
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    overlap = (fused.chunk_index.unsqueeze(-1) == plain.chunk_index.unsqueeze(-2)).any(-1)
+    assert overlap.float().mean() > 0.95  # sets, not positions: near-ties in bf16 aside

@@ -18,7 +18,8 @@ modified in place.
 
 The flex path runs where :func:`flex_attention_available`: a CUDA device,
 ``torch.nn.attention.flex_attention`` importable, and the environment variable
-``LONGMEM_FLEX_ATTENTION`` unset or not ``0``; and only without attention
+``LONGMEM_FLEX_ATTENTION`` unset or not ``0`` (``forward``: only calls that need no
+gradient, :func:`flex_mode`); and only without attention
 dropout (FlexAttention has none: with ``dropout_p > 0`` SDPA runs), for segment
 lengths that are multiples of :data:`FLEX_BLOCK` (:func:`flex_supported`). On CUDA the
 function is ``torch.compile``'d once (its first calls compile the kernels);
@@ -88,10 +89,21 @@ def alibi_spec(bias: Optional[Tensor]) -> Optional[AlibiSpec]:
     return _REGISTRY.get(bias)
 
 
+def flex_mode() -> str:
+    """``LONGMEM_FLEX_ATTENTION``: ``1`` (default: every call the flex path takes),
+    ``0`` (never) or ``forward`` (only calls that need no gradient, such as the
+    frozen backbone's: on an H200, flex's forward was faster than SDPA with the
+    bias tensor and its forward + backward slower, docs/speed.md)."""
+    mode = os.environ.get(FLEX_ENV, "1").strip().lower()
+    if mode not in ("0", "1", "forward"):
+        raise ValueError(f"{FLEX_ENV}={mode!r}: use 1 (on), 0 (off) or forward")
+    return mode
+
+
 def flex_attention_available(device=None) -> bool:
     """True where :func:`local_attention` may take the flex path on ``device``: CUDA,
-    FlexAttention importable, ``LONGMEM_FLEX_ATTENTION`` unset or not ``0``."""
-    if not HAS_FLEX or os.environ.get(FLEX_ENV, "1") == "0":
+    FlexAttention importable, ``LONGMEM_FLEX_ATTENTION`` not ``0``."""
+    if not HAS_FLEX or flex_mode() == "0":
         return False
     if device is not None and torch.device(device).type != "cuda":
         return False
@@ -130,6 +142,10 @@ def flex_supported(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> bool:
     with and without gradients), so other lengths (an evaluation's last short
     segment, a probe's odd span) take SDPA instead of a compilation each."""
     t = q.size(-2)
+    if flex_mode() == "forward" and torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+    ):
+        return False
     return (
         q.dim() == 4
         and q.shape == k.shape == v.shape
