@@ -83,6 +83,16 @@ def bench(args) -> dict:
     out["fused_ms_worst_order"] = timeit(
         lambda: fused_topk_chunks(q_worst, ck_worst, valid, kc), max(1, args.reps // 4)
     )
+    # the same input walked in memory_bank.scan_order (what the bank does): the ramp
+    # becomes a nearly random order; the gather of the keys is included
+    out["fused_ms_worst_order_scan_order"] = timeit(
+        lambda: memory_bank.search_in_scan_order(fused_topk_chunks, q_worst, ck_worst, valid, kc),
+        max(1, args.reps // 4),
+    )
+    out["fused_ms_scan_order"] = timeit(
+        lambda: memory_bank.search_in_scan_order(fused_topk_chunks, q, ck, valid, kc),
+        max(1, args.reps // 4),
+    )
     del ck_worst, q_worst
     try:
         reps = max(1, args.reps // 4)

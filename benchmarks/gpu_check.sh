@@ -90,6 +90,36 @@ print("numpy", numpy.__version__, "fairseq", fairseq.__version__,
       "fused search available", fused_search.fused_search_available())
 EOF
 
+# one line per train_speed JSON written by rounds 2 and 3
+summarize() {
+for f in "$OUT"/speed_*.json; do
+    "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); ref=r.get('reference') or {}; \
+print(sys.argv[1].split('/')[-1], 'on %.1f off %.1f ref %.1f ms; MFU on %.1f%% off %.1f%% ref %.1f%%; \
+off/ref %.3f; overhead %.3f; search %.1f ms; flex calls/step %.0f' % (r['step_ms'], \
+r['no_memory']['step_ms'], ref.get('step_ms', 0), 100*r['mfu'], 100*r['no_memory']['mfu'], \
+100*ref.get('mfu', 0), r.get('no_memory_vs_reference', 0), r['memory_overhead_ratio'], \
+r['search_ms'], r['flex_attention_calls_per_step']))" "$f"
+done
+}
+
+if [ "${GPU_CHECK_ROUND:-1}" = 3 ]; then
+    # round 3: the bank's search walks the chunks in memory_bank.scan_order (round 2 measured
+    # 26.4 ms per search in training, 4.1 ms on random keys): kernel agreement through the
+    # bank, the kernel on random / ramped keys in both orders, the step at vocabulary 50,264
+    part "a3. pytest bank + kernel agreement" 60 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_search.py -k "agrees or scan" \
+        "${A_ARGS[@]}"
+    part "b3. fused search bench" 60 \
+        "$PY" benchmarks/fused_search_bench.py $([ "$DRY" = 1 ] && echo --streams 1 --heads 2 \
+        --queries 64 --chunks 256 --reps 2)
+    part "c3. train_speed flex=1 vocab 50264, scan order" 100 \
+        "$PY" benchmarks/train_speed.py "${D_ARGS[@]}" --search fused --reference \
+        --profile-steps 0 $([ "$DRY" = 1 ] || echo --vocab 50264) --out "$OUT/speed_scan.json"
+    summarize
+    say "done in ${SECONDS}s"
+    sleep 1
+    exit 0
+fi
 if [ "${GPU_CHECK_ROUND:-1}" = 2 ]; then
     # round 2, after round 1 (docs/speed.md): the kernel's agreement test (rewritten), the
     # kernel alone with every config, and the step with FlexAttention for the frozen
@@ -110,14 +140,7 @@ if [ "${GPU_CHECK_ROUND:-1}" = 2 ]; then
                 $([ "$DRY" = 1 ] || echo --vocab $vocab) --out "$OUT/speed_${mode}_$vocab.json"
         done
     done
-    for f in "$OUT"/speed_*.json; do
-        "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); ref=r.get('reference') or {}; \
-print(sys.argv[1].split('/')[-1], 'on %.1f off %.1f ref %.1f ms; MFU on %.1f%% off %.1f%% ref %.1f%%; \
-off/ref %.3f; overhead %.3f; search %.1f ms; flex calls/step %.0f' % (r['step_ms'], \
-r['no_memory']['step_ms'], ref.get('step_ms', 0), 100*r['mfu'], 100*r['no_memory']['mfu'], \
-100*ref.get('mfu', 0), r.get('no_memory_vs_reference', 0), r['memory_overhead_ratio'], \
-r['search_ms'], r['flex_attention_calls_per_step']))" "$f"
-    done
+    summarize
     say "done in ${SECONDS}s"
     sleep 1
     exit 0

@@ -137,6 +137,7 @@ def tiled_topk_reference(
     num_chunks: int,
     tile: int = 128,
     return_values: bool = False,
+    stats: Optional[dict] = None,
 ):
     """The kernel's algorithm in plain torch (slow; for tests).
 
@@ -145,7 +146,8 @@ def tiled_topk_reference(
     docstring). Scores are computed as the kernel does: queries cast to the
     keys' dtype, products accumulated in fp32 (fp64 for fp64 inputs).
     Returns ``(index, ok)`` like :func:`plain_topk_chunks`, plus the sorted
-    scores if ``return_values``.
+    scores if ``return_values``. ``stats["rounds"]`` (if given) counts the
+    extraction rounds, summed over tiles: the kernel's work beyond one pass.
     """
     bsz, heads, tgt_len, d = queries.shape
     n = chunk_keys.size(2)
@@ -167,6 +169,8 @@ def tiled_topk_reference(
         thr = buf.min(dim=1).values
         rowmax = s.max(dim=1).values
         while bool((rowmax > thr).any()):
+            if stats is not None:
+                stats["rounds"] = stats.get("rounds", 0) + 1
             take = rowmax > thr
             amax = torch.where(s == rowmax[:, None], cols[None, :], n).min(dim=1).values
             bpos = torch.where(buf == thr[:, None], slots[None, :], kc).min(dim=1).values

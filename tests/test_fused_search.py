@@ -306,3 +306,45 @@ def test_memory_bank_uses_kernel_on_cuda_and_agrees(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     overlap = (fused.chunk_index.unsqueeze(-1) == plain.chunk_index.unsqueeze(-2)).any(-1)
     assert overlap.float().mean() > 0.95  # sets, not positions: near-ties in bf16 aside
+
+
+@pytest.mark.parametrize("n", [1, 2, 6, 12, 100, 4096])
+def test_scan_order_is_a_permutation_spread_over_the_memory(n):
+    order = memory_bank.scan_order(n, "cpu")
+    assert torch.equal(order.sort().values, torch.arange(n))
+    if n >= 100:  # any 32 consecutive positions (a tile) reach every tenth of the memory
+        tenth = (order * 10 // n).tolist()
+        assert all(len(set(tenth[i : i + 32])) == 10 for i in range(n - 32))
+
+
+@pytest.mark.parametrize("search", ["plain", "tiled"])
+def test_search_in_scan_order_selects_the_same_chunks(search):
+    """The permuted walk answers in ring slots: the same chunks as the plain search,
+    with invalid chunks and rows with fewer valid chunks than asked (index 0 where not ok)."""
+    q, ck, valid = make(2, 3, 7, 50, 8)
+    valid[1, 3:] = False  # row 1: 3 valid chunks, fewer than kc
+    fn = (lambda *a: tiled_topk_reference(*a, tile=16)) if search == "tiled" else plain_topk_chunks
+    index, ok = memory_bank.search_in_scan_order(fn, q, ck, valid, 5)
+    check_same_selection(index, ok, q, ck, valid, 5)
+    assert (index[~ok] == 0).all() and (~ok[1]).any()
+
+
+def test_scan_order_removes_the_cost_of_a_trend_along_the_memory():
+    """Keys whose scores rise along the ring (as a segment's keys drift with position)
+    make the walk in slot order insert at almost every tile; in scan order far less."""
+    g = torch.Generator().manual_seed(0)
+    n, d, kc = 1024, 8, 8
+    trend = torch.linspace(0, 4, n, dtype=torch.float64)
+    ck = torch.randn(1, 2, n, d, generator=g, dtype=torch.float64) * 0.1
+    ck[..., 0] += trend
+    q = torch.randn(1, 2, 32, d, generator=g, dtype=torch.float64) * 0.1
+    q[..., 0] = 1.0
+    valid = torch.ones(1, n, dtype=torch.bool)
+    in_order, scanned = {}, {}
+    a = tiled_topk_reference(q, ck, valid, kc, tile=32, stats=in_order)
+    b = memory_bank.search_in_scan_order(
+        lambda *x: tiled_topk_reference(*x, tile=32, stats=scanned), q, ck, valid, kc
+    )
+    check_same_selection(*b, q, ck, valid, kc)
+    assert torch.equal(a[0].sort(-1).values, b[0].sort(-1).values)
+    assert scanned["rounds"] * 3 < in_order["rounds"], (scanned, in_order)

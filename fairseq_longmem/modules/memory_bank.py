@@ -22,6 +22,7 @@ Layout (torch backend, one bank for all streams of a batch, one ring per row):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -285,13 +286,61 @@ def search_chunks(
     queries: Tensor, chunk_keys: Tensor, valid: Tensor, num_chunks: int
 ) -> tuple[Tensor, Tensor]:
     """Exact chunk selection on the bank's device: the fused Triton kernel on CUDA
-    (no score matrix in memory, :mod:`.fused_search`), else :func:`topk_chunks`.
-    Both return the same chunks (tie order aside); ``LONGMEM_FUSED_SEARCH=0``
-    forces the plain path."""
+    (no score matrix in memory, :mod:`.fused_search`), walking the chunks in
+    :func:`scan_order`, else :func:`topk_chunks`. Both return the same chunks
+    (tie order aside); ``LONGMEM_FUSED_SEARCH=0`` forces the plain path."""
     q = queries.to(device=chunk_keys.device, dtype=chunk_keys.dtype)
     if fused_search.fused_supported(q, chunk_keys, num_chunks):
-        return fused_search.fused_topk_chunks(q, chunk_keys, valid, num_chunks)
+        return search_in_scan_order(
+            fused_search.fused_topk_chunks, q, chunk_keys, valid, num_chunks
+        )
     return topk_chunks(queries, chunk_keys, valid, num_chunks)
+
+
+_SCAN_ORDERS: dict = {}
+
+
+def scan_order(n: int, device) -> Tensor:
+    """A fixed permutation ``(n,)`` of the chunk slots: slot ``i * p mod n`` at
+    position ``i``, with ``p`` the integer coprime to ``n`` nearest ``0.618 n``
+    (golden-ratio steps: any run of consecutive positions is spread evenly over
+    the memory). Cached per ``(n, device)``.
+
+    The fused kernel keeps a running top-k while it walks the chunks; a score
+    enters only above the buffer's minimum, so chunks whose scores rise along
+    the walk cost an insertion each. Memories have such trends: the keys of a
+    segment drift with the position in the segment, and the ring holds segments
+    in order (measured on an H200 at the paper's shapes: 26.4 ms per search in
+    training against 4.1 ms on random keys, 23.4 ms for keys sorted by score).
+    Walking the slots in this order turns any trend along the ring into a
+    nearly random order."""
+    key = (n, str(device))
+    order = _SCAN_ORDERS.get(key)
+    if order is None:
+        p = max(1, round(0.6180339887 * n))
+        step = 0
+        while math.gcd(p + step, n) != 1 and math.gcd(p - step, n) != 1:
+            step += 1
+        p = p + step if math.gcd(p + step, n) == 1 else p - step
+        order = (torch.arange(n, dtype=torch.long) * p % max(n, 1)).to(device)
+        _SCAN_ORDERS[key] = order
+    return order
+
+
+def search_in_scan_order(
+    search, queries: Tensor, chunk_keys: Tensor, valid: Tensor, num_chunks: int
+) -> tuple[Tensor, Tensor]:
+    """``search(queries, chunk_keys, valid, num_chunks)`` (``topk_chunks``'s
+    contract) over the chunks permuted by :func:`scan_order`, its answer mapped
+    back to ring slots: same chunks, same ``(index, ok)`` contract (index 0 where
+    not ok). Costs one gather of the chunk keys (at the paper's shapes 256 MiB,
+    about 0.1 ms on an H200)."""
+    n = chunk_keys.size(-2)
+    order = scan_order(n, chunk_keys.device)
+    index, ok = search(
+        queries, chunk_keys.index_select(-2, order), valid.index_select(-1, order), num_chunks
+    )
+    return torch.where(ok, order[index], torch.zeros_like(index)), ok
 
 
 def gather_chunk_tokens(store: Tensor, chunk_index: Tensor, chunk_size: int) -> Tensor:
