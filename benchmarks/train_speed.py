@@ -325,26 +325,27 @@ def search_impl(choice: str, timer: "SectionTimer"):
     """Route the torch bank's chunk search (``memory_bank.search_chunks``) through
     ``timer`` ("topk": the search alone, without the gather): ``--search torch``
     to the plain matmul + top-k (``memory_bank.topk_chunks``), ``--search fused``
-    to :func:`fused_search.fused_topk_chunks` (the bank's default on CUDA)."""
-    from fairseq_longmem.modules import memory_bank
+    to the bank's own search (the kernel on CUDA, walking the chunks in
+    ``memory_bank.scan_order``; ``fused_search_calls`` counts the kernel's calls)."""
+    from fairseq_longmem.modules import fused_search, memory_bank
 
     saved = memory_bank.search_chunks
+    saved_kernel = fused_search.fused_topk_chunks
     impl = memory_bank.topk_chunks
     if choice == "fused":
-        from fairseq_longmem.modules.fused_search import fused_supported, fused_topk_chunks
+        impl = saved
 
-        def impl(queries, chunk_keys, valid, num_chunks):
+        def counted(*a, **kw):
             COUNTS["fused_search_calls"] += 1
-            q = queries.to(device=chunk_keys.device, dtype=chunk_keys.dtype)
-            if fused_supported(q, chunk_keys, num_chunks):
-                return fused_topk_chunks(q, chunk_keys, valid, num_chunks)
-            return memory_bank.topk_chunks(queries, chunk_keys, valid, num_chunks)
+            return saved_kernel(*a, **kw)
 
+        fused_search.fused_topk_chunks = counted
     memory_bank.search_chunks = timer.wrap("topk", impl)
     try:
         yield
     finally:
         memory_bank.search_chunks = saved
+        fused_search.fused_topk_chunks = saved_kernel
 
 
 def sync(device):

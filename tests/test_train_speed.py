@@ -44,7 +44,7 @@ def test_tiny_run_reports_every_field(tmp_path, search):
     assert r["syncs_in_step"] is None  # CPU: not measured
     assert r["search_impl"] == "torch"  # no Triton on CPU: the fallback ran
     if search == "fused":
-        assert r["fused_search_calls"] > 0  # the monkeypatch reached the bank
+        assert r["fused_search_calls"] == 0  # CPU: the bank searched without the kernel
     # the memory was full when the timed steps ran
     assert all(f >= 512 for f in r["memory_fill_tokens"])
     assert r["flops_per_token"] > r["no_memory"]["flops_per_token"]
