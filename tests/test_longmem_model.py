@@ -207,3 +207,32 @@ def test_transformer_lm_backbone(tiny_data, tmp_path, caplog):
     logits = run(model, batches(task, n=3))
     assert all(torch.isfinite(x).all() for x in logits)
     assert model.decoder.memories["train"].fill().min() > 0
+
+
+def test_memory_dtype_auto_follows_autocast(tiny_backbone, tiny_data, monkeypatch):
+    """--memory-dtype auto stores what the model computes in: the parameters' dtype,
+    or autocast's under --amp (keys written in bf16 are kept in bf16, and the CUDA search
+    can use the fp16/bf16 kernel); an explicit dtype wins."""
+    from fairseq_longmem.modules.memory_spec import compute_dtype
+
+    model, task = build_longmem(tiny_backbone, tiny_data)
+    samples = batches(task, n=2)
+    run(model, samples)
+    assert next(iter(model.decoder.memories.values())).dtype == torch.float32
+    model.decoder.reset_memory()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in samples:
+            model(**s["net_input"])
+    bank = next(iter(model.decoder.memories.values()))
+    assert bank.dtype == torch.bfloat16 and bank.keys.dtype == torch.bfloat16
+    assert bank.fill().min() > 0  # written and read under autocast
+    assert compute_dtype(torch.float16, "cpu") == torch.float16  # half model: its own dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(torch.float32, "cpu") == torch.bfloat16
+        assert compute_dtype(torch.float32, None) == torch.bfloat16
+    assert compute_dtype(torch.float32, "cpu") == torch.float32
+    model.decoder.spec = model.decoder.spec.replace(dtype="fp32")
+    model.decoder.reset_memory()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**samples[0]["net_input"])
+    assert next(iter(model.decoder.memories.values())).dtype == torch.float32

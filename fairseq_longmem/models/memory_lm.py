@@ -37,7 +37,7 @@ from ..modules.memory_bank import MemoryBank
 from ..modules.memory_factory import build_memory
 from ..modules.memory_io import load_memory, save_memory
 from ..modules.memory_reader import JointMemoryReader
-from ..modules.memory_spec import MEMORY_BACKENDS, MemorySpec
+from ..modules.memory_spec import MEMORY_BACKENDS, MemorySpec, compute_dtype
 from .backbone import BackboneError, build_backbone, dumps_config, load_backbone, loads_config
 
 logger = logging.getLogger(__name__)
@@ -380,7 +380,8 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
 
     def new_memory(self, bsz: int, device) -> MemoryBank:
         heads, head_dim, dtype, _ = self.memory_layout()
-        return build_memory(self.spec, bsz, heads, head_dim, self.spec.storage_dtype(dtype),
+        return build_memory(self.spec, bsz, heads, head_dim,
+                            self.spec.storage_dtype(compute_dtype(dtype, device)),
                             self.spec.storage_device(device))
 
     def memory_bank(self, memory_key: str, tokens: Tensor) -> MemoryBank:

@@ -104,7 +104,8 @@ class MemorySpec:
         return dataclasses.replace(self, **changes)
 
     def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The dtype the ring stores: the model's for ``auto``."""
+        """The dtype the ring stores: the model's for ``auto`` (pass
+        :func:`compute_dtype`'s answer: under autocast, autocast's dtype)."""
         return model_dtype if self.dtype == "auto" else resolve_dtype(self.dtype)
 
     def storage_device(self, model_device: Optional[torch.device]) -> torch.device:
@@ -122,3 +123,23 @@ class MemorySpec:
                     "hnsw_ef_construction": self.hnsw_ef_construction,
                     "hnsw_blocks": self.hnsw_blocks}
         return {}
+
+
+def compute_dtype(param_dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype a model whose parameters are ``param_dtype`` computes in on
+    ``device``: autocast's where autocast is on for that device type (fairseq's
+    ``--amp``; the keys and values it writes are in that dtype), else the
+    parameters'. A ring in fp32 under bf16 autocast doubled the memory and kept
+    the search off the fused kernel (fp16/bf16 only)."""
+    if param_dtype != torch.float32:
+        return param_dtype
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    try:  # torch >= 2.4
+        if torch.is_autocast_enabled(dev.type):
+            return torch.get_autocast_dtype(dev.type)
+    except (TypeError, AttributeError):  # older torch: CUDA and CPU only
+        if dev.type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if dev.type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+    return param_dtype
