@@ -14,6 +14,7 @@ import torch
 from fairseq.models import FairseqLanguageModel, register_model
 from torch import Tensor
 
+from ..modules.aligned_linear import aligned_linear
 from ..modules.decoder_layer import decoder_attn_bias, decoder_forward
 from ..modules.incremental import LayerCache, SegmentCache, decoder_step, piece_bias
 from ..modules.memory_reader import JointMemoryReader
@@ -85,8 +86,13 @@ class LongMemDecoder(MemoryDecoder):
         (frozen) output-dim projection, if it has one, and output projection."""
         if self.backbone.project_out_dim is not None:
             features = self.backbone.project_out_dim(features)
-        if self.side.output_projection is not None:
-            return self.side.output_projection(features)
+        proj = self.side.output_projection
+        if proj is None and getattr(self.backbone, "adaptive_softmax", None) is None:
+            proj = getattr(self.backbone, "output_projection", None)
+        if isinstance(proj, torch.nn.Linear):  # the vocabulary padded for the GPU's kernels
+            return aligned_linear(features, proj.weight, proj.bias)
+        if proj is not None:
+            return proj(features)
         return self.backbone.output_layer(features)
 
     def memory_layout(self):

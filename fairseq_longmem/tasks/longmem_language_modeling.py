@@ -153,7 +153,12 @@ class LongMemLanguageModelingTask(FairseqTask):
         return batches
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        self.rebuild_memory_after_jump(sample, model)
+        # under the step's own autocast (--amp), so that a rebuilt memory stores the dtype
+        # an uninterrupted run's does (--memory-dtype auto: the dtype the model computes in)
+        from fairseq.optim.amp_optimizer import AMPOptimizer
+
+        with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
+            self.rebuild_memory_after_jump(sample, model)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def rebuild_memory_after_jump(self, sample, model) -> None:
