@@ -348,3 +348,24 @@ def test_scan_order_removes_the_cost_of_a_trend_along_the_memory():
     check_same_selection(*b, q, ck, valid, kc)
     assert torch.equal(a[0].sort(-1).values, b[0].sort(-1).values)
     assert scanned["rounds"] * 3 < in_order["rounds"], (scanned, in_order)
+
+
+def test_cpu_long_segments_over_a_full_memory_use_faiss_with_the_same_chunks(monkeypatch):
+    """On CPU, segments of CPU_FAISS_MIN_QUERIES+ queries over a full memory are searched
+    by faiss's exact flat kernel: the same chunks as the blocked torch search; a memory
+    with invalid chunks or a short segment keeps the torch path."""
+    calls = []
+    real = memory_bank._topk_chunks_faiss
+    monkeypatch.setattr(memory_bank, "_topk_chunks_faiss", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(memory_bank, "CPU_FAISS_MIN_QUERIES", 16)
+    q, ck, valid = make(2, 3, 20, 64, 8, dtype=torch.float32)
+    full = torch.ones_like(valid)
+    index, ok = memory_bank.topk_chunks(q, ck, full, 6)
+    assert calls == [1]
+    check_same_selection(index, ok, q, ck, full, 6)
+    few = memory_bank.topk_chunks(q, ck[:, :, :4], full[:, :4], 6)  # fewer chunks than kc
+    assert calls == [1, 1]
+    check_same_selection(*few, q, ck[:, :, :4], full[:, :4], 6)
+    memory_bank.topk_chunks(q, ck, valid, 6)  # invalid chunks: torch
+    memory_bank.topk_chunks(q[:, :, :8], ck, full, 6)  # 8 queries: torch
+    assert calls == [1, 1]

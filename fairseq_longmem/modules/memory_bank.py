@@ -243,13 +243,17 @@ def _topk_chunks_cpu(
     ``block_elements`` scores, in one buffer reused by every block; each block
     goes through the two-stage :func:`blocked_topk` straight into the output.
     The full score matrix (16.7M scores = 67 MB at the quickstart's shapes,
-    1 GB at the paper's with one stream) is never allocated.
+    1 GB at the paper's with one stream) is never allocated. Segments of
+    :data:`CPU_FAISS_MIN_QUERIES` queries or more over a full memory go to
+    :func:`_topk_chunks_faiss` instead.
     """
     ck = chunk_keys if chunk_keys.dtype == torch.float32 else chunk_keys.float()
     bsz, heads, tgt_len, d = queries.shape
     n = ck.size(-2)
     top = min(num_chunks, n)
     rows = bsz * heads
+    if tgt_len >= CPU_FAISS_MIN_QUERIES and top and bool(valid.all()):
+        return _topk_chunks_faiss(queries, ck, num_chunks)
     q = queries.to(dtype=torch.float32).reshape(rows, tgt_len, d)
     ckt = ck.reshape(rows, n, d).transpose(1, 2)  # (rows, d, n), a view
     values = torch.empty(rows, tgt_len, top, dtype=torch.float32)
@@ -280,6 +284,31 @@ def _topk_chunks_cpu(
                 index[r:r1, s:s1] = i.view(r1 - r, s1 - s, top)
     ok = torch.isfinite(values).view(bsz, heads, tgt_len, top)
     return _pad_topk(index.view(bsz, heads, tgt_len, top), ok, num_chunks)
+
+
+# on CPU, segments of at least this many queries over a full memory are searched with
+# faiss's exact flat kernel (GEMM blocks with a heap per query, :func:`_topk_chunks_faiss`),
+# faster than the blocked matmul + top-k there (docs/speed.md: 1,024 queries x 16,384
+# chunks, 1.95 s against 3.09 s; at 128 queries x 2,048 chunks faiss was 3x slower)
+CPU_FAISS_MIN_QUERIES = 256
+
+
+def _topk_chunks_faiss(queries: Tensor, chunk_keys: Tensor, num_chunks: int):
+    """:func:`topk_chunks` on CPU for a full memory through ``faiss.knn`` (exact inner
+    product), one call per (stream, head). chunk_keys fp32 ``(bsz, heads, n, d)``."""
+    import faiss
+    import numpy as np
+
+    bsz, heads, tgt_len, d = queries.shape
+    n = chunk_keys.size(-2)
+    top = min(num_chunks, n)
+    q = queries.detach().to(torch.float32).reshape(bsz * heads, tgt_len, d).contiguous().numpy()
+    ck = chunk_keys.detach().reshape(bsz * heads, n, d).contiguous().numpy()
+    index = np.empty((bsz * heads, tgt_len, top), dtype=np.int64)
+    for r in range(bsz * heads):
+        _, index[r] = faiss.knn(q[r], ck[r], top, metric=faiss.METRIC_INNER_PRODUCT)
+    index_t = torch.from_numpy(index).view(bsz, heads, tgt_len, top)
+    return _pad_topk(index_t, torch.ones_like(index_t, dtype=torch.bool), num_chunks)
 
 
 def search_chunks(
