@@ -17,8 +17,8 @@ steps are then timed with memory off (``use_external_memory`` False, same model
 and optimizer), so the memory's overhead is a ratio from one run.
 
 Reported (stdout and ``--out`` JSON): tokens/s, step time, MFU, the time per
-step spent in memory writes (``bank.write``) and in retrieval (``bank.search``:
-chunk search + gather of the retrieved keys/values) and their share of the
+step spent in memory writes (``bank.write``) and in retrieval (``bank.select``:
+chunk search + masks; the gather runs inside the memory attention) and their share of the
 step (CUDA events on GPU, ``time.perf_counter`` on CPU; the bank's methods are
 wrapped here, not in the library), peak device memory (peak RSS on CPU), and
 the number of host-device synchronisations in one training step (CUDA sync
