@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-frac", type=float, default=0.05, help="fraction of documents for test (default 0.05)")
     p.add_argument("--min-split-docs", type=int, default=1, help="minimum documents in valid and in test")
     p.add_argument("--seed", type=int, default=1, help="seed of the document split (and spm sampling)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (and sentencepiece threads)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (sentencepiece trains on one thread: the same model for any --workers)")
     p.add_argument("--spm-sample-chars", type=int, default=DEFAULT_SPM_SAMPLE_CHARS,
                    help="sentencepiece trains on a random sample of train lines of at most this many "
                         f"characters (default {DEFAULT_SPM_SAMPLE_CHARS})")

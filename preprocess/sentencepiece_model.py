@@ -35,6 +35,8 @@ def train_sentencepiece(
     whitespace collapsing (exact round trip, indentation kept), whitespace-only pieces
     allowed (indentation runs), no BOS/EOS/PAD pieces (fairseq adds its own). A
     vocabulary size the text cannot support raises :class:`PreprocessError`.
+    Trained on one thread (``workers`` is accepted for the callers and ignored),
+    so the model is the same for any ``--workers``.
     """
     import sentencepiece as spm
 
@@ -59,7 +61,10 @@ def train_sentencepiece(
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
             max_sentence_length=max_sentence_bytes,
-            num_threads=workers,
+            # one thread whatever --workers: sentencepiece's multi-threaded EM sums in an
+            # order that depends on scheduling, and the model (hence every token count)
+            # then differed between --workers 1 and 2 on a loaded machine
+            num_threads=1,
             minloglevel=1,
         )
     except RuntimeError as exc:
