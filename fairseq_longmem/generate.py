@@ -204,6 +204,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="random seed (set before each prompt)")
     p.add_argument("--memory-path", help="save the context's memory here; without "
                    "--context, start from it")
+    p.add_argument("--memory-size", type=int, default=None,
+                   help="memory tokens per stream while reading and writing (default: the "
+                   "checkpoint's; a larger memory holds more of a long context)")
     p.add_argument("--data", help="binarized data directory (default: the checkpoint's)")
     p.add_argument("--spm", help="sentencepiece model (default: spm.model beside the data); "
                    "'none': whitespace-tokenised data")
@@ -229,7 +232,10 @@ def run(args) -> List[str]:
         )
     prompts = read_prompts(args)
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    lm = load_for_eval(args.path, data=args.data, device=device)
+    if args.memory_size is not None and args.memory_size < 1:
+        raise GenerateError(f"--memory-size must be >= 1, got {args.memory_size}")
+    overrides = {"memory_size": args.memory_size} if args.memory_size else None
+    lm = load_for_eval(args.path, data=args.data, device=device, overrides=overrides)
     model, decoder = lm.model, lm.model.decoder
     if not isinstance(decoder, SegmentDecoding):
         raise GenerateError(

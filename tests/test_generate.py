@@ -123,3 +123,20 @@ def test_fairseq_interactive_with_the_stream_task(ckpts, tiny_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     hyps = [line for line in proc.stdout.splitlines() if line.startswith("H-0")]
     assert hyps and hyps[0].split("\t")[2].startswith(prompt), proc.stdout[-2000:]
+
+
+def test_memory_size_at_generation(ckpts, context, tmp_path, capsys):
+    """--memory-size sets the memory that reads the context: a memory saved with one size
+    is refused by a run with another; a size that is not a whole number of chunks, or
+    below k, is refused by name."""
+    base = ["--path", ckpts["longmem"], "--spm", "none", "--max-len", 6, "--prompt", "def"]
+    mem = tmp_path / "big.mem"
+    rc, out, err = gen(capsys, *base, "--context", context, "--memory-size", 4096,
+                       "--memory-path", mem)
+    assert rc == 0 and out.strip(), err
+    rc, _, err = gen(capsys, *base, "--memory-path", mem)  # the checkpoint's own size
+    assert rc == 2 and "memory_size" in err
+    rc, _, err = gen(capsys, *base, "--context", context, "--memory-size", 0)
+    assert rc == 2 and "--memory-size must be >= 1" in err
+    rc, _, err = gen(capsys, *base, "--context", context, "--memory-size", 6)
+    assert rc == 2 and "memory" in err.lower()

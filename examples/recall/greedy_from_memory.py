@@ -2,8 +2,9 @@
 """Greedy generation from memory on the recall demonstration's models (issue 15).
 
 For every planted span of the demo's test document whose source lies beyond
-four local windows and inside the checkpoint's memory, reads the document up to
-the span's repeat into memory with ``longmem-generate`` (``--context``), prompts
+four local windows and inside the generation memory, reads the document up to
+the span's repeat into memory with ``longmem-generate`` (``--context``,
+``--memory-size``), prompts
 with the repeat's first ``--prompt-tokens`` symbols and decodes ``--new-tokens``
 greedily. Counts the generated symbols that equal the span's continuation, for
 LongMem and the no-memory ablation. Run after ``bash examples/recall/run.sh``:
@@ -24,21 +25,21 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=64, help="the demo's --window")
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--memory-size", type=int, default=4096,
+                   help="memory while generating (longmem-generate --memory-size)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     import fairseq_longmem  # noqa: F401  (registers the task and models)
     from fairseq.data import Dictionary, data_utils
     from fairseq_longmem import generate
-    from fairseq_longmem.eval.model_loading import load_for_eval
 
     work = Path(args.workdir)
     data = work / "data-recall"
     d = Dictionary.load(str(data / "dict.txt"))
     doc = data_utils.load_indexed_dataset(str(data / "test"), d)[0].tolist()
     recs = json.loads((data / "test.recurrences.json").read_text())["recurrences"][0]
-    memory = load_for_eval(str(work / "longmem" / "checkpoint_last.pt"), data=str(data),
-                           device="cpu").model.decoder.cfg.memory_size
+    memory = args.memory_size
     spans = [r for r in recs if r[0] == "span"
              and 4 * args.window <= r[2] - r[1] <= memory - 2 * args.window]
     P, N = args.prompt_tokens, args.new_tokens
@@ -53,7 +54,8 @@ def main(argv=None):
                 want = [d[i] for i in doc[tgt + P:tgt + P + N]]
                 a = generate.get_parser().parse_args(
                     ["--path", str(work / name / "checkpoint_last.pt"), "--context", str(ctx),
-                     "--prompt", prompt, "--max-len", str(N), "--spm", "none", "--cpu"])
+                     "--prompt", prompt, "--max-len", str(N), "--spm", "none", "--cpu",
+                     "--memory-size", str(memory)])
                 got = generate.run(a)[0].split()[:N]
                 first_wrong = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), N)
                 rows.append({"distance": tgt - src, "correct": sum(x == y for x, y in zip(got, want)),
