@@ -25,6 +25,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=64, help="the demo's --window")
     p.add_argument("--prompt-tokens", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--max-docs", type=int, default=None, help="test documents used (default: all)")
     p.add_argument("--memory-size", type=int, default=4096,
                    help="memory while generating (longmem-generate --memory-size)")
     args = p.parse_args(argv)
@@ -37,10 +38,13 @@ def main(argv=None):
     work = Path(args.workdir)
     data = work / "data-recall"
     d = Dictionary.load(str(data / "dict.txt"))
-    doc = data_utils.load_indexed_dataset(str(data / "test"), d)[0].tolist()
-    recs = json.loads((data / "test.recurrences.json").read_text())["recurrences"][0]
+    dataset = data_utils.load_indexed_dataset(str(data / "test"), d)
+    recs = json.loads((data / "test.recurrences.json").read_text())["recurrences"]
+    # the split holds each document followed by an empty line (the stream task's format)
+    docs = [dataset[i].tolist() for i in range(len(dataset)) if len(dataset[i]) > 1]
     memory = args.memory_size
-    spans = [r for r in recs if r[0] == "span"
+    spans = [(doc, r) for doc, doc_recs in zip(docs[: args.max_docs], recs)
+             for r in doc_recs if r[0] == "span"
              and 4 * args.window <= r[2] - r[1] <= memory - 2 * args.window]
     P, N = args.prompt_tokens, args.new_tokens
     out = {}
@@ -48,7 +52,7 @@ def main(argv=None):
         ctx = Path(tmp) / "context.txt"
         for name in ("longmem", "ablation"):
             rows = []
-            for _, src, tgt, _ in spans:
+            for doc, (_, src, tgt, _) in spans:
                 ctx.write_text(" ".join(d[i] for i in doc[:tgt]) + "\n")
                 prompt = " ".join(d[i] for i in doc[tgt:tgt + P])
                 want = [d[i] for i in doc[tgt + P:tgt + P + N]]
