@@ -90,6 +90,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
 
+from benchmarks.reference_step import backward_and_step  # noqa: E402
+
 PAPER = dict(layers=24, dim=1024, heads=16, ffn=4096, vocab=50257, batch_size=8,
              tokens_per_sample=1024, memory_size=65536, k=64, chunk_size=4,
              retrieval_layer=17, reduction=2, steps=10, warmup=3)
@@ -396,15 +398,7 @@ class Trainer:
         with self.autocast():
             logits, _ = self.model(tokens)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1))
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return backward_and_step(loss, self.opt, self.scaler)
 
     @torch.no_grad()
     def forward_only(self):
