@@ -25,6 +25,8 @@ setup(
         "fairseq_longmem.preprocess",
     ],
     package_dir={"fairseq_longmem.preprocess": "preprocess"},
+    # compiled on first use by fairseq_longmem.modules.cpu_kernels
+    package_data={"fairseq_longmem": ["csrc/*.cpp"]},
     # fairseq itself is not listed: PyPI's fairseq 0.12.2 does not build on
     # Python >= 3.11 and its torchaudio requirement drags in another torch.
     # Install a fairseq build yourself (README: "Install").
@@ -35,6 +37,7 @@ setup(
         "faiss-cpu",
         "omegaconf",
         "hydra-core",
+        "ninja",
     ],
     extras_require={
         "plots": ["matplotlib"],

@@ -14,6 +14,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
+# the memory layer's compiled CPU kernels (fairseq_longmem/csrc): built once per
+# machine (about a minute, cached); without a compiler the PyTorch path is used
+build_kernels() {
+  "$VPY" -m fairseq_longmem.modules.cpu_kernels \
+    || echo "[install] CPU memory kernels not built: the memory layer will use its slower PyTorch path"
+}
 if "$VPY" - <<'PYCHK' 2>/dev/null; then
 import importlib, sys
 for m in ("torch", "fairseq", "faiss", "sentencepiece", "matplotlib", "tensorboardX", "pytest",
@@ -22,6 +28,7 @@ for m in ("torch", "fairseq", "faiss", "sentencepiece", "matplotlib", "tensorboa
 import fairseq_longmem.preprocess  # installed (editable) with its package mapping
 PYCHK
   echo "[install] $VENV already complete"
+  build_kernels
   exit 0
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -41,3 +48,4 @@ fi
 echo "[install] fairseq-longmem (editable)"
 "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
 "$VPY" -c "import fairseq, faiss, fairseq_longmem; print('[install] ok: fairseq', fairseq.__version__, 'faiss', faiss.__version__)"
+build_kernels

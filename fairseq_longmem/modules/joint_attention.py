@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernels
 from .flex_alibi import alibi_flex_attention, alibi_spec, flex_attention_available, flex_supported
 
 
@@ -108,7 +109,7 @@ CPU_GATHER_BLOCK_BYTES = 8 << 20
 def memory_attention_chunks(
     q: Tensor, store_k: Tensor, store_v: Tensor, chunk_index: Tensor, mem_mask: Tensor,
     chunk_size: int, dropout_p: float = 0.0, training: bool = False,
-    block_bytes: Optional[int] = None,
+    block_bytes: Optional[int] = None, overwrite_log=None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`memory_attention` over the chunks a search chose, gathering them from
     the memory's ring buffers a block of (stream, head) rows at a time.
@@ -119,12 +120,25 @@ def memory_attention_chunks(
     device; mem_mask: ``(bsz, heads, tgt_len, kc * chunk_size)``. Returns
     ``(out (bsz, heads, tgt_len, d), has_memory (bsz, heads, tgt_len))``, the
     same as gathering everything first (``MemoryBank.gather``) and calling
-    :func:`memory_attention`. ``block_bytes`` bounds one gathered block
+    :func:`memory_attention`. On CPU in fp32, with the compiled kernels built,
+    one pass of :func:`.cpu_kernels.memory_attention` reads the chunks straight
+    from the ring buffers instead (nothing gathered); when gradients flow it
+    needs ``overwrite_log`` (:meth:`.memory_bank.MemoryBank.log_overwrites`,
+    opened before the read) and without one the gathering path runs.
+    ``block_bytes`` bounds one gathered block
     (default: :data:`CPU_GATHER_BLOCK_BYTES` on CPU; one block elsewhere, where
     each block is more kernel launches and large allocations are cached).
     """
     from .memory_bank import gather_chunk_tokens  # memory_bank does not import this module
 
+    needs_log = q.requires_grad and torch.is_grad_enabled()
+    if (overwrite_log is not None or not needs_log) and cpu_kernels.memory_attention_supported(
+        q, store_k, store_v
+    ):
+        return cpu_kernels.memory_attention(
+            q, store_k, store_v, chunk_index, mem_mask, chunk_size, dropout_p, training,
+            overwrite_log if needs_log else None,
+        )
     bsz, heads, tgt_len, d = q.shape
     kc = chunk_index.size(-1)
     if block_bytes is None:

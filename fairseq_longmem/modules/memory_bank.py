@@ -23,6 +23,8 @@ Layout (torch backend, one bank for all streams of a batch, one ring per row):
 from __future__ import annotations
 
 import math
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MemoryConfigError
-from . import fused_search
+from . import cpu_kernels, fused_search
 
 DTYPES = {
     "fp32": torch.float32,
@@ -137,6 +139,12 @@ SCORE_BLOCK_ELEMENTS = 1 << 28  # bound on one block of query x chunk scores (ac
 # large enough that a search is a few big ops, not hundreds of small parallel
 # regions (these stall when the two cores are shared: measured at 2 threads)
 CPU_SCORE_BLOCK_ELEMENTS = 1 << 22
+# the compiled search (:func:`.cpu_kernels.search_topk`): scores of one task, a
+# (row, block of queries), at most 4 MiB of fp32, so that they stay in cache
+# between the GEMM that writes them and the top-k that reads them (measured at
+# 1,024 queries x 16,384 chunks: blocks of 64 queries 1.14 s, of 16 1.47 s, of
+# 256 1.54 s; faiss's flat kernel 3.1 s)
+CPU_SEARCH_BLOCK_SCORES = 1 << 20
 
 
 def topk_chunks(
@@ -239,7 +247,10 @@ def _topk_chunks_cpu(
 ) -> tuple[Tensor, Tensor]:
     """:func:`topk_chunks` on CPU: scores in fp32, one block at a time.
 
-    A block is a few (stream, head) pairs x a range of queries, at most
+    With the compiled kernels (:mod:`.cpu_kernels`), :func:`.cpu_kernels.search_topk`:
+    one GEMM per (row, block of queries) into a buffer that stays in cache, and
+    an exact two-pass top-k over it (the same chunks, ties to the lower slot).
+    Otherwise a block is a few (stream, head) pairs x a range of queries, at most
     ``block_elements`` scores, in one buffer reused by every block; each block
     goes through the two-stage :func:`blocked_topk` straight into the output.
     The full score matrix (16.7M scores = 67 MB at the quickstart's shapes,
@@ -252,9 +263,20 @@ def _topk_chunks_cpu(
     n = ck.size(-2)
     top = min(num_chunks, n)
     rows = bsz * heads
-    if tgt_len >= CPU_FAISS_MIN_QUERIES and top and bool(valid.all()):
+    compiled = bool(top) and cpu_kernels.available()
+    if not compiled and tgt_len >= CPU_FAISS_MIN_QUERIES and top and bool(valid.all()):
         return _topk_chunks_faiss(queries, ck, num_chunks)
     q = queries.to(dtype=torch.float32).reshape(rows, tgt_len, d)
+    if compiled:
+        invalid = torch.empty(0, dtype=torch.bool)
+        if not bool(valid.all()):
+            invalid = (~valid.bool())[:, None, :].expand(bsz, heads, n).reshape(rows, n).contiguous()
+        values, index = cpu_kernels.search_topk(
+            q.contiguous(), ck.reshape(rows, n, d).contiguous(), invalid, top,
+            max(1, CPU_SEARCH_BLOCK_SCORES // max(1, n)),
+        )
+        ok = torch.isfinite(values).view(bsz, heads, tgt_len, top)
+        return _pad_topk(index.view(bsz, heads, tgt_len, top), ok, num_chunks)
     ckt = ck.reshape(rows, n, d).transpose(1, 2)  # (rows, d, n), a view
     values = torch.empty(rows, tgt_len, top, dtype=torch.float32)
     index = torch.empty(rows, tgt_len, top, dtype=torch.long)
@@ -286,8 +308,8 @@ def _topk_chunks_cpu(
     return _pad_topk(index.view(bsz, heads, tgt_len, top), ok, num_chunks)
 
 
-# on CPU, segments of at least this many queries over a full memory are searched with
-# faiss's exact flat kernel (GEMM blocks with a heap per query, :func:`_topk_chunks_faiss`),
+# on CPU without the compiled kernels, segments of at least this many queries over a
+# full memory are searched with faiss's exact flat kernel (GEMM blocks with a heap per query, :func:`_topk_chunks_faiss`),
 # faster than the blocked matmul + top-k there (docs/speed.md: 1,024 queries x 16,384
 # chunks, 1.95 s against 3.09 s; at 128 queries x 2,048 chunks faiss was 3x slower)
 CPU_FAISS_MIN_QUERIES = 256
@@ -400,6 +422,51 @@ def gather_chunk_tokens(store: Tensor, chunk_index: Tensor, chunk_size: int) -> 
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16 -> "fp16"`` (the names :func:`resolve_dtype` reads)."""
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+class OverwriteLog:
+    """The rows of a bank's ring buffers that writes overwrote since the log opened.
+
+    A reader that keeps only a reference to the buffers (the compiled CPU memory
+    attention: no gathered copy of what it read) runs its backward after the
+    step's write-after-read; :meth:`restored` puts back what the forward read for
+    the duration of that backward. keys, values: the bank's ``(bsz, heads,
+    slots, d)`` buffers; each record: flat row indices into their ``(-1, d)``
+    views and the rows they held before the write.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor):
+        self.keys = keys
+        self.values = values
+        self.records: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def record(self, flat: Tensor) -> None:
+        """Keep rows ``flat`` (long ``(n,)``) of both buffers before a write replaces them."""
+        d = self.keys.size(-1)
+        self.records.append(
+            (flat, self.keys.view(-1, d).index_select(0, flat),
+             self.values.view(-1, d).index_select(0, flat))
+        )
+
+    @contextmanager
+    def restored(self):
+        """The buffers as they were when the log opened, inside the ``with`` block;
+        as they are now again after it."""
+        if not self.records:
+            yield
+            return
+        d = self.keys.size(-1)
+        kf, vf = self.keys.view(-1, d), self.values.view(-1, d)
+        flat_all = torch.cat([r[0] for r in self.records])
+        now_k, now_v = kf.index_select(0, flat_all), vf.index_select(0, flat_all)
+        for flat, old_k, old_v in reversed(self.records):  # oldest last: it wins
+            kf.index_copy_(0, flat, old_k)
+            vf.index_copy_(0, flat, old_v)
+        try:
+            yield
+        finally:
+            kf.index_copy_(0, flat_all, now_k)
+            vf.index_copy_(0, flat_all, now_v)
 
 
 class MemoryBank:
@@ -595,6 +662,7 @@ class MemoryBank:
         # the whole store: O(memory)); duplicates only hit the scratch slot
         rows = torch.arange(bsz * heads, device=dev).view(bsz, heads, 1) * (self.memory_size + 1)
         flat = (rows + slot[:, None, :]).reshape(-1)
+        self._log_overwrite(flat)
         self.keys.view(-1, d).index_copy_(0, flat, keys.reshape(-1, d))
         self.values.view(-1, d).index_copy_(0, flat, values.reshape(-1, d))
         before = self.total
@@ -605,6 +673,22 @@ class MemoryBank:
 
     def _after_write(self, before: Tensor, after: Tensor) -> None:
         """Hook for backends with search structures (torch: nothing to do)."""
+
+    def log_overwrites(self) -> "OverwriteLog":
+        """An :class:`OverwriteLog` of this bank's ring buffers as they are now: every
+        later :meth:`write` records in it the rows it overwrites, for as long as
+        the log is referenced (the bank keeps only a weak reference)."""
+        log = OverwriteLog(self.keys, self.values)
+        logs = [r for r in getattr(self, "_overwrite_logs", []) if r() is not None]
+        logs.append(weakref.ref(log))
+        self._overwrite_logs = logs
+        return log
+
+    def _log_overwrite(self, flat: Tensor) -> None:
+        for ref in getattr(self, "_overwrite_logs", ()):
+            log = ref()
+            if log is not None and log.keys is self.keys:
+                log.record(flat)
 
     def _refresh_chunk_keys(self, before: Tensor, seg_len: int) -> int:
         """Recompute the mean key of every chunk the last write touched.

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from . import cpu_kernels
 from .joint_attention import gate_mix, memory_attention_chunks
 from .memory_bank import MemoryBank, Selection
 
@@ -38,9 +39,17 @@ class JointMemoryReader:
         """q, local: ``(bsz, heads, tgt_len, head_dim)`` queries and local attention
         output; returns the gated mix, same shape."""
         got = self.bank.select(q.detach(), self.k, self.query_mask)
+        # the compiled CPU read keeps no copy of what it read, and the step's write
+        # comes after this read and before its backward: log what the write replaces
+        log = None
+        if q.requires_grad and torch.is_grad_enabled() and cpu_kernels.memory_attention_supported(
+            q, self.bank.keys, self.bank.values
+        ):
+            log = self.bank.log_overwrites()
         mem_out, has_memory = memory_attention_chunks(
             q, self.bank.keys, self.bank.values, got.chunk_index, got.mask.to(q.device),
             self.bank.chunk_size, dropout_p=self.attn_dropout, training=self.training,
+            overwrite_log=log,
         )
         self.retrieved = got
         self.stats = {
