@@ -55,6 +55,7 @@ setup(
             "longmem-import-hf = fairseq_longmem.cli:import_hf",
             "longmem-recall = fairseq_longmem.eval.recall:main",
             "longmem-synthetic-recall = fairseq_longmem.data.synthetic_recall:main",
+            "longmem-build-kernels = fairseq_longmem.modules.cpu_kernels:main",
         ]
     },
 )

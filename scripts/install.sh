@@ -17,7 +17,7 @@ VPY="$VENV/bin/python"
 # the memory layer's compiled CPU kernels (fairseq_longmem/csrc): built once per
 # machine (about a minute, cached); without a compiler the PyTorch path is used
 build_kernels() {
-  "$VPY" -m fairseq_longmem.modules.cpu_kernels \
+  "$VPY" -c "from fairseq_longmem.modules.cpu_kernels import main; main()" \
     || echo "[install] CPU memory kernels not built: the memory layer will use its slower PyTorch path"
 }
 if "$VPY" - <<'PYCHK' 2>/dev/null; then

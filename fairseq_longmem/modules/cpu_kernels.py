@@ -3,10 +3,11 @@
 Built once per machine with :mod:`torch.utils.cpp_extension` (g++ and ninja,
 about a minute; cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) the first time a CPU memory layer reads, or ahead
-of time with ``python -m fairseq_longmem.modules.cpu_kernels`` (which
+of time with ``longmem-build-kernels`` (which
 ``scripts/install.sh`` runs). The build is named after the CPU capability
 PyTorch detects (``AVX2``, ``AVX512``, ``DEFAULT``), so a cache shared by
-machines of different kinds never hands one of them instructions it lacks.
+machines of different kinds never hands one of them instructions it lacks, and
+after the torch installation, so environments never rebuild over each other.
 
 * :func:`topk_rows`: exact top-k of each row of a score matrix, two
   vectorised passes and a sorted buffer of the few candidates instead of
@@ -25,6 +26,7 @@ or uses them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -57,7 +59,10 @@ def build_flags() -> tuple[str, list[str]]:
     flags = ["-O3", "-fopenmp"]
     if cap in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
-    return f"longmem_cpu_ops_{cap.lower()}_v{VERSION}", flags
+    # one build per torch installation: builds for two environments (other include
+    # paths, maybe another torch ABI) never replace each other in a shared cache
+    env = hashlib.sha1(f"{torch.__version__}:{Path(torch.__file__).parent}".encode()).hexdigest()[:8]
+    return f"longmem_cpu_ops_{cap.lower()}_v{VERSION}_{env}", flags
 
 
 def load(verbose: bool = False):
@@ -229,8 +234,8 @@ class _CompiledMemoryAttentionFn(torch.autograd.Function):
 
 
 def main() -> None:
-    """Build the kernels now (``python -m fairseq_longmem.modules.cpu_kernels``) and
-    check them once against PyTorch; exit status 1 if they cannot be built."""
+    """``longmem-build-kernels``: build the kernels now and check them once against
+    PyTorch; exit status 1 if they cannot be built."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     name, flags = build_flags()
     module = load(verbose=False)
