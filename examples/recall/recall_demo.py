@@ -44,6 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--alphabet", type=int, default=0,
                    help="symbols per backbone pretraining document (0: all; fewer force "
                    "multi-token copying, but induction forms far more slowly)")
+    p.add_argument("--alphabet-frac", type=float, default=1.0,
+                   help="share of backbone pretraining documents drawn from --alphabet symbols "
+                   "(the rest from the whole vocabulary)")
+    p.add_argument("--alphabet-copies", type=int, default=0,
+                   help="copies of each span in the alphabet's documents (0: 4, as the others)")
+    p.add_argument("--alphabet-max-gap", type=int, default=-1,
+                   help="most filler between copies in the alphabet's documents (-1: 4, as the others)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -118,7 +125,8 @@ def synthetic_corpus(args, work: Path):
         # dense repeats: spans of 4-16 tokens read 4 times in a row (3/4 of the tokens
         # can be copied), a little filler between units
         dense = dict(kind="dense", vocab=args.vocab, span=16, span_min=4, max_gap=4, copies=4,
-                     alphabet=args.alphabet)
+                     alphabet=args.alphabet, alphabet_frac=args.alphabet_frac,
+                     alphabet_copies=args.alphabet_copies, alphabet_max_gap=args.alphabet_max_gap)
         doc = 4096 if not args.tiny else 512
         write_split(str(bb), "train", RecallCorpusConfig(docs=max(2, tokens // doc), doc_tokens=doc, **dense))
         write_split(str(bb), "valid", RecallCorpusConfig(docs=2, doc_tokens=doc, **dense))
