@@ -7,6 +7,9 @@ import sys
 from conftest import REPO_ROOT
 from fairseq_longmem.eval import recall
 
+sys.path.insert(0, str(REPO_ROOT / "examples" / "recall"))
+import key_probe  # noqa: E402
+
 
 def test_recall_demo_tiny_and_cli(tmp_path, capsys):
     work = tmp_path / "demo"
@@ -47,4 +50,11 @@ def test_recall_demo_tiny_and_cli(tmp_path, capsys):
     assert got["memory_size"] == 256 and got["edges"] == [32, 128, 256] and got["n"] == 4
     assert (out / "recall_by_distance.png").exists() and "| >=256 |" in (out / "recall.md").read_text()
     assert recall.main(["--data", str(work / "data-recall"), "--checkpoint", "x=/nonexistent.pt"]) == 2
+
+    # the key probe on the demo's backbone: per head, the right key first implies retrieved
+    kp = key_probe.main([str(work), "--layer", "1", "--window", "32", "--memory-size", "1024"])
+    assert kp["targets"] > 0 and len(kp["heads"]) == 2
+    for h in kp["heads"]:
+        assert 0.0 <= h["share"] <= 1.0
+        assert h["chunk1_k32"] >= h["argmax_right"] and h["chunk1_k32"] > 0.0
     assert "error: checkpoint not found" in capsys.readouterr().err

@@ -68,6 +68,33 @@ def test_dense_documents_repeat_within_the_gap_from_a_small_alphabet():
     assert np.array_equal(docs[0][:6], docs[0][18:24])
 
 
+def test_dense_documents_mix_small_alphabets_with_the_whole_vocabulary():
+    cfg = RecallCorpusConfig(kind="dense", docs=40, doc_tokens=600, vocab=128, span=16,
+                             span_min=4, max_gap=4, copies=4, alphabet=8, alphabet_frac=0.5)
+    docs, _ = generate(cfg, "train")
+    small = [len(np.unique(d)) <= 8 for d in docs]
+    assert 8 <= sum(small) <= 32  # about half, each document one or the other
+    assert all(len(np.unique(d)) > 32 for d, s in zip(docs, small) if not s)
+    again, _ = generate(cfg, "train")
+    assert all(np.array_equal(a, b) for a, b in zip(docs, again))
+    # share 1 (the default) draws every document from an alphabet, as before
+    whole, _ = generate(RecallCorpusConfig(kind="dense", docs=5, doc_tokens=600, vocab=128,
+                                           alphabet=8), "train")
+    assert all(len(np.unique(d)) <= 8 for d in whole)
+    with pytest.raises(SyntheticCorpusError, match="alphabet-frac"):
+        generate(RecallCorpusConfig(kind="dense", alphabet=8, alphabet_frac=1.5), "train")
+    # the alphabet's documents with their own copies and filler: [x, y, x], y up to 40 tokens
+    cfg.alphabet_copies, cfg.alphabet_max_gap = 2, 40
+    docs, recs = generate(cfg, "train")
+    gaps = {True: [], False: []}
+    for doc, rec in zip(docs, recs):
+        for _, s, t, length in rec:
+            assert np.array_equal(doc[s:s + length], doc[t:t + length])
+            gaps[len(np.unique(doc)) <= 8].append(t - s - length)
+    assert max(gaps[False]) <= 3 * 16 + 4 and max(gaps[True]) > 20 and max(gaps[True]) <= 40
+    assert min(gaps[True]) >= 0
+
+
 def test_the_stream_task_loads_it(tmp_path):
     out = tmp_path / "data"
     assert main(["--out", str(out), "--split", "test", "--docs", "3", "--doc-tokens", "1500",

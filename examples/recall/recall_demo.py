@@ -3,13 +3,15 @@
 Steps (everything under --workdir, each visible as it runs):
   1. corpus: a synthetic recall corpus (fairseq_longmem.data.synthetic_recall):
      dense in-window repeats for the backbone (spans read four times in a
-     row), documents whose spans and key-value pairs recur far back for
+     row; half of the documents from 16 symbols, spans read twice far apart,
+     so that copying needs the last two tokens), documents whose spans and key-value pairs recur far back for
      adaptation and the test; or --corpus DIR (a folder of text documents,
      preprocessed as the quickstart does);
   2. stage 1: pretrain a small ALiBi backbone with stock fairseq-train, in
      rounds, until the copy probe passes the gate (strongest induction head
      at the retrieval layer >= --gate-induction and the repeat's perplexity
-     <= --gate-ratio x the first copy's), or --backbone-max-steps;
+     <= --gate-ratio x the first copy's) after at least --backbone-min-steps,
+     or --backbone-max-steps;
   3. stage 2: adapt LongMem (memory on) and the ablation (same side network,
      same backbone, same steps, no memory) on long-range repeats;
   4. evaluate in stream order: recall by distance (fairseq_longmem.eval.recall)
@@ -41,9 +43,16 @@ def parse_args(argv=None):
     p.add_argument("--corpus", default=None, help="folder of text documents (default: synthetic)")
     p.add_argument("--vocab", type=int, default=512, help="synthetic symbols")
     p.add_argument("--spm-vocab", type=int, default=4000, help="--corpus: sentencepiece vocabulary")
-    p.add_argument("--alphabet", type=int, default=0,
-                   help="symbols per backbone pretraining document (0: all; fewer force "
-                   "multi-token copying, but induction forms far more slowly)")
+    p.add_argument("--alphabet", type=int, default=16,
+                   help="symbols per small-alphabet backbone pretraining document (0: none; "
+                   "there the last token is ambiguous, copying needs the last two)")
+    p.add_argument("--alphabet-frac", type=float, default=0.5,
+                   help="share of backbone pretraining documents drawn from --alphabet symbols "
+                   "(the rest from the whole vocabulary)")
+    p.add_argument("--alphabet-copies", type=int, default=2,
+                   help="copies of each span in the alphabet's documents (0: 4, as the others)")
+    p.add_argument("--alphabet-max-gap", type=int, default=32,
+                   help="most filler between copies in the alphabet's documents (-1: 4, as the others)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -51,17 +60,21 @@ def parse_args(argv=None):
     p.add_argument("--backbone-lr", type=float, default=3e-3)
     p.add_argument("--backbone-batch", type=int, default=16)
     p.add_argument("--backbone-round", type=int, default=500, help="steps between copy probes")
-    p.add_argument("--backbone-max-steps", type=int, default=2000)
+    p.add_argument("--backbone-min-steps", type=int, default=3000,
+                   help="pretrain at least this many steps (probed first there), even past the gate: "
+                   "the retrieval keys keep sharpening after the induction head has formed")
+    p.add_argument("--backbone-max-steps", type=int, default=4000)
     p.add_argument("--gate-induction", type=float, default=0.7)
     p.add_argument("--gate-ratio", type=float, default=0.2)
     p.add_argument("--retrieval-layer-index", type=int, default=None, help="default: the last layer")
     p.add_argument("--adapt-steps", type=int, default=600)
     p.add_argument("--adapt-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="adaptation learning rate")
-    p.add_argument("--train-memory-size", type=int, default=4096, help="memory while adapting")
+    p.add_argument("--train-memory-size", type=int, default=16384, help="memory while adapting")
     p.add_argument("--memory-size", type=int, default=65536, help="memory at evaluation")
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=1,
+                   help="memory chunk (1: every token's key searched on its own)")
     p.add_argument("--gate-init", type=float, default=0.0)
     p.add_argument("--span", type=int, default=32, help="tokens per recurring span")
     p.add_argument("--test-docs", type=int, default=1)
@@ -74,9 +87,12 @@ def parse_args(argv=None):
     if args.tiny:
         args.vocab, args.dim, args.heads, args.window = 16, 32, 2, 32
         args.backbone_round, args.backbone_max_steps, args.backbone_batch = 20, 20, 8
+        args.backbone_min_steps = 0
         args.adapt_steps, args.adapt_batch = 6, 2
         args.train_memory_size, args.memory_size, args.k = 256, 1024, 8
         args.span, args.probe_length, args.spm_vocab = 16, 128, 600
+    if args.backbone_min_steps > args.backbone_max_steps:
+        p.error("--backbone-min-steps must be at most --backbone-max-steps")
     if args.memory_size < args.train_memory_size:
         p.error("--memory-size must be at least --train-memory-size")
     if args.retrieval_layer_index is None:
@@ -118,7 +134,8 @@ def synthetic_corpus(args, work: Path):
         # dense repeats: spans of 4-16 tokens read 4 times in a row (3/4 of the tokens
         # can be copied), a little filler between units
         dense = dict(kind="dense", vocab=args.vocab, span=16, span_min=4, max_gap=4, copies=4,
-                     alphabet=args.alphabet)
+                     alphabet=args.alphabet, alphabet_frac=args.alphabet_frac,
+                     alphabet_copies=args.alphabet_copies, alphabet_max_gap=args.alphabet_max_gap)
         doc = 4096 if not args.tiny else 512
         write_split(str(bb), "train", RecallCorpusConfig(docs=max(2, tokens // doc), doc_tokens=doc, **dense))
         write_split(str(bb), "valid", RecallCorpusConfig(docs=2, doc_tokens=doc, **dense))
@@ -190,9 +207,9 @@ def train_backbone(args, data: Path, work: Path, probe_stream_fn):
             print(f"    copy probe after {steps} steps: ppl first {rec['first_ppl']:.2f}, repeat "
                   f"{rec['second_ppl']:.2f}; induction at layer {m} {rec['induction_at_retrieval_layer']:.3f}"
                   f" -> {'PASSED' if rec['passed'] else 'not yet'}", flush=True)
-            if rec["passed"] or steps >= args.backbone_max_steps:
+            if (rec["passed"] and steps >= args.backbone_min_steps) or steps >= args.backbone_max_steps:
                 return ckpt, history
-        steps = min(args.backbone_max_steps, steps + args.backbone_round)
+        steps = min(args.backbone_max_steps, max(steps + args.backbone_round, args.backbone_min_steps))
         run([sys.executable, "-m", "fairseq_cli.train", data, "--user-dir", REPO / "fairseq_longmem",
              "--task", "language_modeling", "--arch", "alibi_lm", "--decoder-layers", args.layers,
              "--decoder-embed-dim", args.dim, "--decoder-ffn-embed-dim", 2 * args.dim,

@@ -18,7 +18,8 @@ back predicts the recurrence:
   symbols only: short contexts then recur by chance, and copying needs the
   last several tokens, not the last one (the keys of a backbone trained this
   way carry several previous tokens, which is what a search among tens of
-  thousands of memory tokens needs).
+  thousands of memory tokens needs). ``--alphabet-frac`` mixes: that share of
+  the documents from an alphabet, the rest from the whole vocabulary.
 
 One call writes one split (``SPLIT.bin/.idx``, fairseq's mmap format, one
 item per document followed by an empty line, i.e. a size-1 ``</s>`` item, as
@@ -77,6 +78,9 @@ class RecallCorpusConfig:
     span_min: int = 8
     max_gap: int = 32
     alphabet: int = 0  # 0: the whole vocabulary
+    alphabet_frac: float = 1.0  # share of documents drawn from an alphabet (with alphabet > 0)
+    alphabet_copies: int = 0  # copies of each span in an alphabet's documents (0: copies)
+    alphabet_max_gap: int = -1  # filler between copies there (-1: max_gap)
     copies: int = 2
 
     def check(self) -> None:
@@ -91,6 +95,11 @@ class RecallCorpusConfig:
                 raise SyntheticCorpusError(f"--copies {self.copies}: a unit needs at least 2 copies")
             if self.alphabet and not 2 <= self.alphabet <= self.vocab:
                 raise SyntheticCorpusError(f"--alphabet {self.alphabet}: use 2..--vocab ({self.vocab}), or 0")
+            if self.alphabet_copies == 1 or self.alphabet_copies < 0:
+                raise SyntheticCorpusError(
+                    f"--alphabet-copies {self.alphabet_copies}: a unit needs at least 2 copies (0: --copies)")
+            if not 0.0 <= self.alphabet_frac <= 1.0:
+                raise SyntheticCorpusError(f"--alphabet-frac {self.alphabet_frac}: use a share in [0, 1]")
             return
         if not self.distances or min(self.distances) < 1:
             raise SyntheticCorpusError("--distances: give positive token distances, e.g. 64,1024,70000")
@@ -173,22 +182,31 @@ def spans_document(cfg: RecallCorpusConfig, rng: np.random.Generator
 def dense_document(cfg: RecallCorpusConfig, rng: np.random.Generator
                    ) -> Tuple[np.ndarray, List[Recurrence]]:
     """Units ``[x, y, x, ..., x]`` (span, filler, ``copies - 1`` more copies of the
-    span) until ``doc_tokens``; one alphabet per document."""
-    alphabet = rng.choice(cfg.vocab, cfg.alphabet, replace=False) if cfg.alphabet else None
+    span) until ``doc_tokens``; one alphabet per document (with ``cfg.alphabet``,
+    for a share ``cfg.alphabet_frac`` of the documents; the others use the whole
+    vocabulary). An alphabet's documents may have their own ``alphabet_copies``
+    and ``alphabet_max_gap`` (longer filler between fewer copies: the most
+    recent match of the last token is then rarely the right one)."""
+    use = bool(cfg.alphabet) and (cfg.alphabet_frac >= 1.0 or rng.random() < cfg.alphabet_frac)
+    alphabet = rng.choice(cfg.vocab, cfg.alphabet, replace=False) if use else None
+    copies, max_gap = cfg.copies, cfg.max_gap
+    if use:
+        copies = cfg.alphabet_copies or copies
+        max_gap = max_gap if cfg.alphabet_max_gap < 0 else cfg.alphabet_max_gap
     out: List[np.ndarray] = []
     rec: List[Recurrence] = []
     pos = 0
     while pos < cfg.doc_tokens:
         s = int(rng.integers(cfg.span_min, cfg.span + 1))
-        g = int(rng.integers(0, cfg.max_gap + 1))
+        g = int(rng.integers(0, max_gap + 1))
         draw = rng.integers(0, cfg.vocab if alphabet is None else len(alphabet), s + g)
         if alphabet is not None:
             draw = alphabet[draw]
         x, y = draw[:s], draw[s:]
-        out += [x, y] + [x] * (cfg.copies - 1)
-        for c in range(1, cfg.copies):
+        out += [x, y] + [x] * (copies - 1)
+        for c in range(1, copies):
             rec.append(("span", pos, pos + s * c + g, s))
-        pos += cfg.copies * s + g
+        pos += copies * s + g
     doc = np.concatenate(out)[: cfg.doc_tokens]
     rec = [r for r in rec if r[2] + r[3] <= cfg.doc_tokens]
     return doc, rec
@@ -273,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copies", type=int, default=d.copies, help="dense: copies of each span")
     p.add_argument("--alphabet", type=int, default=d.alphabet,
                    help="dense: symbols per document (0: all); small values force multi-token copying")
+    p.add_argument("--alphabet-frac", type=float, default=d.alphabet_frac,
+                   help="dense: share of documents drawn from --alphabet symbols (the rest: all)")
+    p.add_argument("--alphabet-copies", type=int, default=d.alphabet_copies,
+                   help="dense: copies of each span in the alphabet's documents (0: --copies)")
+    p.add_argument("--alphabet-max-gap", type=int, default=d.alphabet_max_gap,
+                   help="dense: most filler between copies in the alphabet's documents (-1: --max-gap)")
     return p
 
 
@@ -285,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             seed=args.seed, distances=parse_ints(args.distances, "--distances"), span=args.span,
             repeats=args.repeats, pairs=args.pairs, key_len=args.key_len,
             value_len=args.value_len, span_min=args.span_min, max_gap=args.max_gap,
-            alphabet=args.alphabet, copies=args.copies,
+            alphabet=args.alphabet, alphabet_frac=args.alphabet_frac,
+            alphabet_copies=args.alphabet_copies, alphabet_max_gap=args.alphabet_max_gap, copies=args.copies,
         )
         info = write_split(args.out, args.split, cfg)
     except LongMemError as e:
