@@ -241,14 +241,14 @@ def main() -> None:
     module = load(verbose=False)
     if module is None:
         reason = "disabled by LONGMEM_CPU_KERNELS=0" if not enabled() else load_error()
-        print(f"[cpu kernels] {name}: not built ({reason}); the PyTorch path will be used")
+        logger.warning("[cpu kernels] %s: not built (%s); the PyTorch path will be used", name, reason)
         raise SystemExit(1 if enabled() else 0)
     scores = torch.randn(64, 300)
     values, index = topk_rows(scores, 7)
     ref = scores.topk(7, dim=-1).values
     if not torch.equal(values, ref):
         raise SystemExit(f"[cpu kernels] {name}: topk_rows disagrees with torch.topk")
-    print(f"[cpu kernels] {name} ready ({' '.join(flags)})")
+    logger.info("[cpu kernels] %s ready (%s)", name, " ".join(flags))
 
 
 if __name__ == "__main__":
