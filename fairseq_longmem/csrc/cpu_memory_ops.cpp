@@ -250,7 +250,6 @@ inline bool masked_softmax(const float* s, const bool* mask, int64_t K, float* p
   }
   const __m256 mxv = _mm256_set1_ps(mx);
   int64_t j = 0;
-  __m256 sumv = _mm256_setzero_ps();
   for (; j + 8 <= K; j += 8) {
     const __m256 ev = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mxv));
     _mm256_storeu_ps(p + j, ev);
@@ -261,7 +260,6 @@ inline bool masked_softmax(const float* s, const bool* mask, int64_t K, float* p
     if (!mask[t]) p[t] = 0.f;
     sum += p[t];
   }
-  (void)sumv;
   const float inv = 1.f / sum;
   for (int64_t t = 0; t < K; ++t) p[t] *= inv;
   return true;
