@@ -104,13 +104,13 @@ TINY = dict(layers=4, dim=64, heads=4, ffn=256, vocab=1000, batch_size=2,
 # fp32 on 2 CPU threads
 QUICKSTART = dict(layers=4, dim=256, heads=8, ffn=1024, vocab=4000, batch_size=8,
                   tokens_per_sample=128, memory_size=8192, k=32, chunk_size=4,
-                  retrieval_layer=3, reduction=2, steps=5, warmup=3)
+                  retrieval_layer=3, reduction=2, steps=8, warmup=3)
 PRESETS = {"paper": PAPER, "tiny": TINY, "quickstart": QUICKSTART}
 # settings a preset fixes unless given on the command line
 PRESET_RUN = {
     "paper": dict(dtype="bf16", threads=None, repeats=1, dropout=None),
     "tiny": dict(dtype="bf16", threads=None, repeats=1, dropout=None, device="cpu"),
-    "quickstart": dict(dtype="fp32", threads=2, repeats=7, dropout=0.0, device="cpu"),
+    "quickstart": dict(dtype="fp32", threads=2, repeats=9, dropout=0.0, device="cpu"),
 }
 ARCHES = {"alibi": "alibi_lm_gpt2_medium", "transformer": "transformer_lm_gpt2_small"}
 
@@ -378,7 +378,11 @@ class Trainer:
         use_scaler = args.dtype == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
         g = torch.Generator(device=device).manual_seed(args.seed)
-        n = 4  # a few distinct segments, cycled (no host->device copy in a step)
+        # distinct segments, cycled (no host->device copy in a step): one more than
+        # the memory holds, so that it never holds two copies of a segment. (With
+        # a few segments cycled it held ~16 copies of each chunk: exact ties in
+        # every search, which no corpus produces.)
+        n = max(4, math.ceil(args.memory_size / args.tokens_per_sample) + 1)
         shape = (n, args.batch_size, args.tokens_per_sample + 1)
         self.data = torch.randint(4, args.vocab, shape, device=device, generator=g)
         self.i = 0
@@ -802,7 +806,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="paper (default): the paper's shapes, bf16; quickstart: the CPU "
                         "quickstart's stage 2 (4 layers d=256, batch 8 x 128, memory 8,192, k 32, "
-                        "fp32, 2 threads, 7 interleaved rounds); tiny: seconds on CPU. "
+                        "fp32, 2 threads, 9 interleaved rounds of 8 steps); tiny: seconds on CPU. "
                         "Explicit flags override the preset")
     p.add_argument("--tiny", action="store_true", help="same as --preset tiny")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if any)")
@@ -824,7 +828,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved rounds of --steps steps with memory then --steps without; "
                         "step times and the overhead ratio are medians over rounds (default 1, "
-                        "7 for quickstart)")
+                        "9 for quickstart)")
     p.add_argument("--profile-steps", type=int, default=None,
                    help="CPU: profile this many steps each way (torch.profiler) for the "
                         "breakdown of the memory's time (default 3; 0: no breakdown)")

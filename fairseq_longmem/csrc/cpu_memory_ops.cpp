@@ -94,25 +94,39 @@ void topk_row(const float* x, int64_t n, int64_t k, float* v, int64_t* ix,
       std::nth_element(gm, gm + (k - 1), gm + G, std::greater<float>());
       lo = gm[k - 1];
     }
+    // Until the buffer holds k, keep every x >= lo. Once it is full, the scan
+    // being in increasing index, an x equal to the k-th best would lose the tie:
+    // only x > thr (or NaN) can enter, and thr is the k-th best.
     int64_t c = 0;
-    float thr = lo;
-    __m256 thv = _mm256_set1_ps(thr);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), thv, _CMP_NLT_UQ));
-      if (!m) continue;
-      while (m) {
-        const int b = __builtin_ctz(m);
-        c = buffer_insert(x[i + b], i + b, v, ix, c, k);
-        m &= m - 1;
+    {
+      const __m256 lov = _mm256_set1_ps(lo);
+      for (; c < k && i + 8 <= n; i += 8) {
+        int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), lov, _CMP_NLT_UQ));
+        while (m) {
+          const int b = __builtin_ctz(m);
+          c = buffer_insert(x[i + b], i + b, v, ix, c, k);
+          m &= m - 1;
+        }
       }
-      if (c == k && v[k - 1] > thr) {  // (a NaN k-th best leaves thr: NaN compares false)
+    }
+    if (c == k) {
+      float thr = v[k - 1];
+      __m256 thv = _mm256_set1_ps(thr);
+      for (; i + 8 <= n; i += 8) {
+        int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), thv, _CMP_NLE_UQ));
+        if (!m) continue;
+        while (m) {
+          const int b = __builtin_ctz(m);
+          buffer_insert(x[i + b], i + b, v, ix, k, k);
+          m &= m - 1;
+        }
         thr = v[k - 1];
         thv = _mm256_set1_ps(thr);
       }
     }
     for (; i < n; ++i)
-      if (!(x[i] < thr)) c = buffer_insert(x[i], i, v, ix, c, k);
+      if (c < k ? !(x[i] < lo) : !(x[i] <= v[k - 1])) c = buffer_insert(x[i], i, v, ix, c, k);
     if (c == k) return;
     // fewer than k kept: impossible by the bound (k elements are >= L); kept as a guard
   }
