@@ -97,6 +97,22 @@ def test_quickstart_preset_has_the_quickstarts_shapes():
     assert train_speed.parse_args(["--preset", "quickstart", "--threads", "1"]).threads == 1
 
 
+def test_memory_never_holds_two_copies_of_a_segment():
+    """The benchmark's batches cycle distinct segments, more than the memory holds:
+    a memory of repeated segments makes every search a run of exact ties."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+    import train_speed
+
+    a = train_speed.parse_args(["--preset", "quickstart"])
+    t = train_speed.Trainer(torch.nn.Linear(2, 2), a, torch.device("cpu"))
+    n = t.data.size(0)
+    assert n * a.tokens_per_sample > a.memory_size
+    segs = [t.batch()[0] for _ in range(n + 1)]
+    assert torch.equal(segs[0], segs[n])  # cycled
+    assert all(not torch.equal(segs[i], segs[j]) for i in range(n) for j in range(i))
+
+
 def test_flops_formula_at_paper_shapes(tmp_path):
     r, _ = run_script(tmp_path, "--flops-only")
     f = r["flops_breakdown"]
