@@ -9,6 +9,7 @@ from fairseq_longmem.eval import recall
 
 sys.path.insert(0, str(REPO_ROOT / "examples" / "recall"))
 import key_probe  # noqa: E402
+import read_probe  # noqa: E402
 
 
 def test_recall_demo_tiny_and_cli(tmp_path, capsys):
@@ -58,3 +59,15 @@ def test_recall_demo_tiny_and_cli(tmp_path, capsys):
         assert 0.0 <= h["share"] <= 1.0
         assert h["chunk1_k32"] >= h["argmax_right"] and h["chunk1_k32"] > 0.0
     assert "error: checkpoint not found" in capsys.readouterr().err
+
+    # the read probe on the adapted LongMem: what its memory layer retrieved, against its top-1
+    rp = read_probe.main([str(work), "--window", "32", "--memory-size", "1024", "--k", "8",
+                          "--threads", "1"])
+    assert rp["targets"] > 0 and len(rp["heads"]) == 2 and len(rp["gate"]) == 2
+    for h in rp["heads"]:
+        assert 0.0 <= h["first"] <= h["retrieved"] <= 1.0
+        assert 0.0 <= h["share"] <= h["value_share"] + 1e-6 <= 1.0 + 1e-6
+    g = rp["groups"]
+    split = [v for name, v in g.items() if name.startswith(("right key retrieved", "retrieved"))]
+    assert sum(v["tokens"] for v in split) == rp["targets"]
+    assert sum(v["misses"] for v in split) == rp["misses"]
