@@ -567,11 +567,13 @@ def run(args) -> Dict:
         breakdown = None
         if args.profile_steps > 0 and device.type == "cpu":
             breakdown = profile_breakdown(trainer, dec, args.profile_steps)
-        # top operators of one no-memory step (and one reference step): where a gap is
+        # top operators of one step each way (and of one reference step): where a gap is
         ops = None
         if args.op_profile:
+            dec.cfg.use_external_memory = True
+            ops = {"memory": op_profile(trainer.step, device, rows=30)}
             dec.cfg.use_external_memory = False
-            ops = {"no_memory": op_profile(trainer.step, device)}
+            ops["no_memory"] = op_profile(trainer.step, device)
             if reference is not None:
                 ops["reference"] = op_profile(reference.step, device)
         dec.cfg.use_external_memory = True
@@ -841,8 +843,9 @@ def parse_args(argv=None):
                         "(benchmarks/reference_step.py: SDPA is_causal, no ALiBi, no fairseq) "
                         "in the same interleaved rounds: reference.*, no_memory_vs_reference")
     p.add_argument("--op-profile", action="store_true",
-                   help="torch.profiler table (top 20 operators by self CUDA time; CPU time on "
-                        "CPU) of one no-memory step, and of one reference step with --reference")
+                   help="torch.profiler tables (top operators by self CUDA time; CPU time on "
+                        "CPU) of one step with memory, one without, and one reference step "
+                        "with --reference")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s of the device for MFU (H100 SXM bf16: 989)")
     p.add_argument("--seed", type=int, default=1)

@@ -198,3 +198,118 @@ def test_disabled_or_failed_build_falls_back(monkeypatch, tmp_path, caplog):
     q, sk, sv, idx, mask, cs = _memory_case()
     out, _ = memory_attention_chunks(q.detach(), sk, sv, idx, mask, cs)
     assert torch.isfinite(out).all()
+
+
+# ---- the bf16-screened search (AVX-512 BF16 CPUs; elsewhere both calls take the fp32 path)
+
+def _exact_search(q, ck, invalid, k):
+    """The reference: float64 scores, -inf where invalid, torch.topk."""
+    s = torch.bmm(q.double(), ck.double().transpose(1, 2))
+    if invalid.numel():
+        s.masked_fill_(invalid[:, None, :], float("-inf"))
+    return s.topk(min(k + 1, s.size(-1)), dim=-1)
+
+
+def _assert_same_search(q, ck, invalid, k, what, same_order=False):
+    """Screened and fp32 searches agree: at each rank whose float64 score is apart
+    from its neighbours' by more than fp32's rounding, both choose the float64
+    search's chunk; at a near-tie within that rounding (which fp32 sums in
+    another order may rank either way) their scores agree to fp32 precision."""
+    v1, i1 = cpu_kernels.search_topk(q, ck, invalid, k, 64, screen=True)
+    v0, i0 = cpu_kernels.search_topk(q, ck, invalid, k, 64, screen=False)
+    fin = torch.isfinite(v0)
+    assert torch.equal(fin, torch.isfinite(v1)), what
+    assert torch.allclose(v1[fin], v0[fin], rtol=1e-5, atol=1e-5), what
+    if same_order:
+        assert torch.equal(i1[fin], i0[fin]), what
+    rv, ri = _exact_search(q, ck, invalid, k)
+    # position j of a query is clear when its float64 score is apart from its
+    # neighbours' by more than fp32's rounding of a dot product
+    tol = 2e-6 * (q.abs().sum(-1, keepdim=True) * ck.abs().amax((1, 2))[:, None, None]).double()
+    pad = torch.full_like(rv[..., :1], float("inf"))
+    gaps = torch.cat([pad, rv[..., :-1] - rv[..., 1:], pad], -1).nan_to_num(nan=0.0)
+    n_out = v0.size(-1)
+    clear = (gaps[..., :n_out] > tol) & (gaps[..., 1 : n_out + 1] > tol) & fin
+    clear &= torch.isfinite(rv[..., :n_out])
+    assert clear.sum() >= 0.5 * fin.sum(), what  # the comparison is not vacuous
+    for got in (i1, i0):
+        assert torch.equal(got[clear], ri[..., :n_out][clear]), what
+    return v1, i1
+
+
+@pytest.mark.parametrize("d", [16, 32, 64])
+def test_screened_search_chooses_the_fp32_chunks(kernels, d):
+    g = torch.Generator().manual_seed(d)
+    for rows, T, n, k in [(3, 40, 2048, 8), (2, 17, 300, 1), (2, 16, 16, 8), (1, 5, 1000, 16),
+                          (2, 33, 700, 17), (1, 9, 4096, 64), (2, 1, 97, 3)]:
+        # queries and keys that share a direction, as trained ones do: scores
+        # bunch up near the top, where the screen must hand over to fp32
+        base = torch.randn(d, generator=g)
+        q = (torch.randn(rows, T, d, generator=g) + base).contiguous()
+        ck = (torch.randn(rows, n, d, generator=g) * 0.5 + base).contiguous()
+        none = torch.empty(0, dtype=torch.bool)
+        _assert_same_search(q, ck, none, k, (d, n, k))
+        invalid = torch.rand(rows, n, generator=g) < 0.5
+        invalid[0, : max(0, n - k + 1)] = True  # row 0: fewer valid chunks than k
+        _assert_same_search(q, ck, invalid.contiguous(), k, (d, n, k, "masked"))
+
+
+def test_screened_search_resolves_what_bf16_cannot(kernels):
+    # scores near 28 that differ by ~1e-4 (fp32 resolves them: its step there is
+    # 2e-6; bf16's is 0.125): the screen sees ties, and the exact pass must
+    # still find the fp32 order
+    g = torch.Generator().manual_seed(1)
+    d = 32
+    for n in (200, 2048):  # few candidates re-scored; more than the screen keeps (fp32 path)
+        base = torch.randn(d, generator=g)
+        ck = (base + 3e-3 * torch.randn(2, n, d, generator=g)).contiguous()
+        q = (base + 3e-3 * torch.randn(2, 24, d, generator=g)).contiguous()
+        _assert_same_search(q, ck, torch.empty(0, dtype=torch.bool), 8, n)
+
+
+def test_screened_search_on_vanishing_scales(kernels):
+    # norms that underflow in fp32 (|q| ~ 1e-24) would make the screen's error
+    # bound vanish: such queries and rows must take the fp32 path, not trust bf16
+    g = torch.Generator().manual_seed(3)
+    d, n = 32, 200
+    base = torch.randn(d, generator=g)
+    ck = (base + 3e-3 * torch.randn(2, n, d, generator=g)).contiguous()
+    q = (base + 3e-3 * torch.randn(2, 24, d, generator=g)).contiguous()
+    none = torch.empty(0, dtype=torch.bool)
+    for qs, ks in ((1e-24, 1.0), (1.0, 1e-24), (1e-18, 1e-18)):
+        qq, kk = (q * qs).contiguous(), (ck * ks).contiguous()
+        v1, i1 = cpu_kernels.search_topk(qq, kk, none, 1, 64, screen=True)
+        v0, i0 = cpu_kernels.search_topk(qq, kk, none, 1, 64, screen=False)
+        assert torch.equal(i1, i0), (qs, ks)
+
+
+def test_screened_search_ties_nan_and_huge_values(kernels):
+    g = torch.Generator().manual_seed(2)
+    d, n = 32, 512
+    ck = torch.randn(2, n, d, generator=g)
+    ck[:, 256:] = ck[:, :256]  # every chunk twice: ties go to the lower slot
+    q = torch.randn(2, 20, d, generator=g)
+    none = torch.empty(0, dtype=torch.bool)
+    v1, i1 = cpu_kernels.search_topk(q.contiguous(), ck.contiguous(), none, 8, 64, screen=True)
+    v0, i0 = cpu_kernels.search_topk(q.contiguous(), ck.contiguous(), none, 8, 64, screen=False)
+    assert torch.equal(i1, i0)
+    assert torch.equal(i1[..., 1::2], i1[..., 0::2] + 256)  # each pair: the lower slot first
+    q[0, 3, 5] = float("nan")  # NaN scores rank first, as in torch.topk
+    q[1, 4] *= 1e37  # scores that overflow
+    ck2 = ck.clone()
+    ck2[1, 7, 0] = float("inf")
+    for keys in (ck, ck2):
+        v1, i1 = cpu_kernels.search_topk(q.contiguous(), keys.contiguous(), none, 8, 64, screen=True)
+        v0, i0 = cpu_kernels.search_topk(q.contiguous(), keys.contiguous(), none, 8, 64, screen=False)
+        assert torch.equal(i1, i0)
+        assert torch.equal(_ranked(v1).isnan(), _ranked(v0).isnan())
+
+
+
+def test_screen_runs_where_the_cpu_has_avx512_bf16(kernels):
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists() or "avx512_bf16" not in info.read_text():
+        pytest.skip("this CPU has no AVX-512 BF16: the search takes its fp32 path")
+    assert cpu_kernels.screen_supported()

@@ -4,12 +4,15 @@
 //
 //  topk_rows          exact top-k of each row of a score matrix, in two cheap passes
 //                     instead of a partial sort of the whole row
+//  search_topk        exact top-k chunks per query (GEMM blocks + topk_row); on
+//                     CPUs with AVX-512 BF16, screened in bf16 and re-scored in
+//                     fp32 where the screen's error bound cannot decide
 //  memory_attention_forward / _backward
 //                     attention of each query over the tokens of its retrieved
 //                     chunks, read straight from the memory's ring buffers: no
 //                     gathered (queries x k x head_dim) copy of keys or values
 //
-// fp32 only (the Python side falls back to PyTorch for anything else).
+// fp32 tensors only (the Python side falls back to PyTorch for anything else).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,7 +25,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__x86_64__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -320,14 +323,312 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& scores, int64_t k) {
   return {values, index};
 }
 
+// ---- bf16-screened exact search (AVX-512 BF16; chosen at run time) ----------
+//
+// The scores of a row are first computed from bf16 copies of the queries and
+// chunk keys (vdpbf16ps: twice the fp32 FMA rate), with a bound E_q on their
+// error; only chunks whose screened score is within 2 E_q of the screened k-th
+// best can be in the exact top-k, and those few (about 2 k) are scored again in
+// fp32. So the result is the fp32 search's: screened s~ and fp32 s differ by at
+// most E = eps |q| max_j |k_j| (bf16 rounding of both factors, 2^-8 each, plus
+// the fp32 sums), the k-th best fp32 score is >= the k-th best screened score
+// t~ minus E, and a chunk of the exact top-k has s~ >= s - E >= t~ - 2E.
+// Queries the screen cannot vouch for (a non-finite screened score, fewer
+// than k valid chunks, too many candidates) are scored whole in fp32.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || \
+                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define LONGMEM_SCREEN 1
+#define SCREEN_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")))
+#include <cpuid.h>
+#else
+#define LONGMEM_SCREEN 0
+#endif
+
+// AVX-512 F/DQ/BW/VL and BF16 in the CPU (cpuid) and their registers enabled by
+// the OS (xgetbv: SSE, AVX, opmask and both halves of the zmm state)
+bool screen_supported() {
+#if LONGMEM_SCREEN
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0xE6u) != 0xE6u) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const unsigned need = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);  // F, DQ, BW, VL
+  if ((b & need) != need) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a & (1u << 5)) != 0;  // AVX512_BF16
+#else
+  return false;
+#endif
+}
+
+#if LONGMEM_SCREEN
+namespace {
+
+constexpr int kLanes = 16;  // queries per tile: one fp32 zmm
+
+// candidates kept per query before it falls back to the fp32 path: the G = 2k
+// group bound leaves about 2k above it, plus the error band
+inline int64_t max_candidates(int64_t k) { return std::max<int64_t>(256, 8 * k); }
+
+struct ScreenScratch {
+  std::vector<uint16_t> kb;   // (n, d) bf16 keys of the row
+  std::vector<float> sc;      // (n, 16) screened scores, key-major
+  std::vector<uint32_t> qp;   // (d/2, 16) bf16 pairs of the tile's queries
+  std::vector<int32_t> cidx;  // (16, max_candidates(k))
+  std::vector<float> tmp;     // n: a query's fp32 scores (the fallback)
+  std::vector<float> gmax;
+  std::vector<Cand> cand;
+};
+
+// fp32 (count) -> bf16, round to nearest even; returns max over keys of |k|^2
+// when d % 16 == 0 (keys of d floats), and whether all were finite.
+SCREEN_TARGET
+bool convert_keys(const float* k, int64_t n, int64_t d, uint16_t* out, float* kmax2) {
+  __mmask16 bad = 0;
+  __m512 best = _mm512_setzero_ps();
+  const int64_t per = d / 16;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = k + j * d;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t t = 0; t < per; t += 2) {
+      const __m512 a = _mm512_loadu_ps(kj + 16 * t);
+      bad |= _mm512_fpclass_ps_mask(a, 0x99);  // NaN, +-inf
+      ss = _mm512_fmadd_ps(a, a, ss);
+      if (t + 1 < per) {
+        const __m512 b = _mm512_loadu_ps(kj + 16 * t + 16);
+        bad |= _mm512_fpclass_ps_mask(b, 0x99);
+        ss = _mm512_fmadd_ps(b, b, ss);
+        _mm512_storeu_si512(out + j * d + 16 * t, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * d + 16 * t),
+                            (__m256i)_mm512_cvtneps_pbh(a));
+      }
+    }
+    best = _mm512_max_ps(best, _mm512_set1_ps(_mm512_reduce_add_ps(ss)));
+  }
+  *kmax2 = _mm512_reduce_max_ps(best);
+  return bad == 0;
+}
+
+// screened scores of the tile's 16 queries (packed in qp) against keys
+// [j0, j0 + JB): sc[j * 16 + lane]. With gm (no invalid chunk), pass 1 is done
+// here too: gm[(j mod G) * 16 + lane] = max(.., score), the caller keeping
+// j0 mod G + JB <= G.
+template <int JB>
+SCREEN_TARGET inline void screen_block(const uint32_t* qp, const uint32_t* kb32, int64_t half,
+                                       int64_t j0, float* sc, float* gm) {
+  __m512 acc[JB];
+  for (int u = 0; u < JB; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < half; ++p) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + p * kLanes);
+    for (int u = 0; u < JB; ++u)
+      acc[u] = _mm512_dpbf16_ps(acc[u], qv,
+                                (__m512bh)_mm512_set1_epi32(static_cast<int>(kb32[(j0 + u) * half + p])));
+  }
+  for (int u = 0; u < JB; ++u) _mm512_storeu_ps(sc + (j0 + u) * kLanes, acc[u]);
+  if (gm)
+    for (int u = 0; u < JB; ++u)
+      _mm512_store_ps(gm + u * kLanes, _mm512_max_ps(_mm512_load_ps(gm + u * kLanes), acc[u]));
+}
+
+SCREEN_TARGET inline float dot16(const float* a, const float* b, int64_t d) {
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+  for (int64_t o = 16; o < d; o += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + o), _mm512_loadu_ps(b + o), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// exact fp32 top-k of one query over the whole row (the screen's fallback)
+SCREEN_TARGET
+void exact_query(const float* q, const float* K, const bool* inv, int64_t n, int64_t d,
+                 int64_t k, float* v, int64_t* ix, ScreenScratch& s) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  s.tmp.resize(n);
+  for (int64_t j = 0; j < n; ++j) s.tmp[j] = (inv && inv[j]) ? ninf : dot16(q, K + j * d, d);
+  topk_row(s.tmp.data(), n, k, v, ix, s.gmax, s.cand);
+}
+
+// Groups of pass 1: G group maxima per query, the k-th largest of them a lower
+// bound of the k-th best screened score. G = 2k (rounded up to 8) bounds it
+// tighter than G = k (about 2k chunks above it instead of k ln k) for the
+// price of a small max/min network per tile.
+inline int64_t screen_groups(int64_t k) { return ((2 * k + 7) / 8) * 8; }
+
+// one row: queries Q (T, d), keys K (n, d); d % 16 == 0, 16 <= d <= 512, 1 <= k <= min(n, 64)
+SCREEN_TARGET
+void screened_row(const float* Q, const float* K, const bool* inv, int64_t T, int64_t n,
+                  int64_t d, int64_t k, float* vout, int64_t* iout, ScreenScratch& s) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t half = d / 2;
+  s.kb.resize(n * d);
+  s.sc.resize(n * kLanes);
+  s.qp.resize(half * kLanes);
+  const int64_t cap = max_candidates(k);
+  s.cidx.resize(kLanes * cap);
+  s.tmp.resize(std::max<int64_t>(n, cap));
+  float kmax2 = 0.f;
+  // a non-finite key, or keys so small that their norm underflows (the bound
+  // below would vanish): the whole row in fp32
+  if (!convert_keys(K, n, d, s.kb.data(), &kmax2) || !(kmax2 >= 0x1p-100f)) {
+    for (int64_t t = 0; t < T; ++t) exact_query(Q + t * d, K, inv, n, d, k, vout + t * k, iout + t * k, s);
+    return;
+  }
+  // |s~ - s| <= eps |q| |k|: bf16 rounding of each factor (2^-8, relative),
+  // their product, fp32 sums of d terms (screened and exact), with margin; plus
+  // denormals that vdpbf16ps flushes (2^-126 per term, absolute)
+  const float eps = 0x1p-7f + 0x1p-15f + static_cast<float>(d) * 0x1p-22f;
+  const float kmax = std::sqrt(kmax2) * 1.0001f;
+  const float tiny = static_cast<float>(d) * 0x1p-120f;
+  const uint32_t* kb32 = reinterpret_cast<const uint32_t*>(s.kb.data());
+  const int64_t G = screen_groups(k);
+  alignas(64) float gm[128 * kLanes];
+  alignas(64) float err[kLanes];
+  alignas(64) uint32_t qb[256];  // a query's bf16 pairs
+  const __m512 ninfv = _mm512_set1_ps(ninf);
+  for (int64_t t0 = 0; t0 < T; t0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, T - t0));
+    __mmask16 fallback = 0;
+    // pack the tile's queries: qp[p * 16 + lane] = bf16 pair (2p, 2p + 1)
+    for (int l = 0; l < kLanes; ++l) {
+      if (l >= lanes) {
+        for (int64_t p = 0; p < half; ++p) s.qp[p * kLanes + l] = 0;
+        err[l] = 0.f;
+        continue;
+      }
+      const float* q = Q + (t0 + l) * d;
+      __m512 ss = _mm512_setzero_ps();
+      __mmask16 bad = 0;
+      for (int64_t o = 0; o < d; o += 16) {
+        const __m512 a = _mm512_loadu_ps(q + o);
+        bad |= _mm512_fpclass_ps_mask(a, 0x99);
+        ss = _mm512_fmadd_ps(a, a, ss);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb + o / 2), (__m256i)_mm512_cvtneps_pbh(a));
+      }
+      for (int64_t p = 0; p < half; ++p) s.qp[p * kLanes + l] = qb[p];
+      const float q2 = _mm512_reduce_add_ps(ss);
+      const float qk = std::sqrt(q2) * kmax;
+      err[l] = eps * qk + tiny;
+      // |q| max|k| < 1e38: no screened or exact score (nor partial sum) can
+      // overflow; |q|^2 >= 2^-100: the norm did not underflow, and the inputs
+      // bf16 flushes to zero are far inside the relative bound
+      if (bad || !(qk < 1e38f) || !(q2 >= 0x1p-100f)) fallback |= static_cast<__mmask16>(1u << l);
+    }
+    // screened scores, key-major, and pass 1: per lane the maxima of G groups
+    for (int64_t g = 0; g < G; ++g) _mm512_store_ps(gm + g * kLanes, ninfv);
+    const bool fused = inv == nullptr;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      screen_block<8>(s.qp.data(), kb32, half, j, s.sc.data(), fused ? gm + (j % G) * kLanes : nullptr);
+    for (; j < n; ++j)
+      screen_block<1>(s.qp.data(), kb32, half, j, s.sc.data(), fused ? gm + (j % G) * kLanes : nullptr);
+    if (inv) {  // groups over the valid chunks only (group g: every G-th valid chunk)
+      for (int64_t c = 0, g = 0; c < n; ++c) {
+        float* row = s.sc.data() + c * kLanes;
+        if (inv[c]) {
+          _mm512_storeu_ps(row, ninfv);
+          continue;
+        }
+        const __m512 x = _mm512_loadu_ps(row);
+        _mm512_store_ps(gm + g * kLanes, _mm512_max_ps(_mm512_load_ps(gm + g * kLanes), x));
+        g = g + 1 == G ? 0 : g + 1;
+      }
+    }
+    // lo: per lane the k-th largest of the G maxima (an insertion network into
+    // a descending top[0..k): k max/min pairs per group maximum, once per tile)
+    __m512 lov;
+    {
+      __m512 top[64];
+      for (int64_t i = 0; i < k; ++i) top[i] = ninfv;
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 x = _mm512_load_ps(gm + g * kLanes);
+        for (int64_t i = 0; i < k; ++i) {
+          const __m512 hi = _mm512_max_ps(top[i], x);
+          x = _mm512_min_ps(top[i], x);
+          top[i] = hi;
+        }
+      }
+      lov = top[k - 1];
+    }
+    fallback |= _mm512_fpclass_ps_mask(lov, 0x99);  // fewer than k valid chunks
+    const __m512 errv = _mm512_load_ps(err);
+    const __m512 thr = _mm512_sub_ps(lov, _mm512_add_ps(errv, errv));
+    // pass 2: every chunk whose screened score is >= lo - 2E
+    int32_t cnt[kLanes] = {0};
+    const __mmask16 live = static_cast<__mmask16>(((1u << lanes) - 1) & ~fallback);
+    const float* sc = s.sc.data();
+    auto collect = [&](int64_t c, __mmask16 m) {
+      while (m) {
+        const int l = __builtin_ctz(m);
+        m &= m - 1;
+        const int32_t at = cnt[l]++;
+        if (at < cap) s.cidx[l * cap + at] = static_cast<int32_t>(c);
+      }
+    };
+    int64_t c = 0;
+    for (; c + 4 <= n; c += 4) {  // most rows have no lane above: test four at once
+      const __mmask16 m0 = _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(sc + c * kLanes), thr, _CMP_GE_OQ);
+      const __mmask16 m1 = _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(sc + (c + 1) * kLanes), thr, _CMP_GE_OQ);
+      const __mmask16 m2 = _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(sc + (c + 2) * kLanes), thr, _CMP_GE_OQ);
+      const __mmask16 m3 = _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(sc + (c + 3) * kLanes), thr, _CMP_GE_OQ);
+      if (!(m0 | m1 | m2 | m3)) continue;
+      collect(c, m0);
+      collect(c + 1, m1);
+      collect(c + 2, m2);
+      collect(c + 3, m3);
+    }
+    for (; c < n; ++c)
+      collect(c, _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(sc + c * kLanes), thr, _CMP_GE_OQ));
+    // the candidates' exact scores, the k best of them
+    for (int l = 0; l < lanes; ++l) {
+      const int64_t t = t0 + l;
+      const float* q = Q + t * d;
+      float* v = vout + t * k;
+      int64_t* ix = iout + t * k;
+      if (((fallback >> l) & 1) || cnt[l] > cap || cnt[l] < k) {
+        exact_query(q, K, inv, n, d, k, v, ix, s);
+        continue;
+      }
+      // exact scores first (independent dot products), then the k best by
+      // insertion: candidates come by increasing chunk and every score is
+      // finite, so "before" is simply "greater" (an equal score has the
+      // higher chunk, and goes after)
+      const int32_t* ci = s.cidx.data() + l * cap;
+      const int32_t m = cnt[l];
+      float* ex = s.tmp.data();
+      for (int32_t a = 0; a < m; ++a) ex[a] = dot16(q, K + static_cast<int64_t>(ci[a]) * d, d);
+      int64_t have = 0;
+      for (int32_t a = 0; a < m; ++a) {
+        const float x = ex[a];
+        if (have == k && !(x > v[k - 1])) continue;
+        int64_t p = have < k ? have++ : k - 1;
+        while (p > 0 && x > v[p - 1]) {
+          v[p] = v[p - 1];
+          ix[p] = ix[p - 1];
+          --p;
+        }
+        v[p] = x;
+        ix[p] = ci[a];
+      }
+    }
+  }
+}
+
+}  // namespace
+#endif
+
 // Exact top-k chunks per query: queries (R, T, d), chunk_keys (R, n, d) fp32
 // contiguous; invalid: (R, n) bool (True: the chunk may not be chosen) or an
 // empty tensor. Returns (values (R, T, k), index (R, T, k)), each query's chunks
-// by decreasing score (ties: lower index first), -inf where invalid. One task
-// per (row, block of q_block queries): a GEMM into a buffer that stays in cache,
-// then topk_row over it; the (R, T, n) score matrix never exists.
+// by decreasing score (ties: lower index first), -inf where invalid. With
+// screen and a CPU with AVX-512 BF16 (screen_supported), one task per row:
+// screened_row. Otherwise one task per (row, block of q_block queries): a GEMM
+// into a buffer that stays in cache, then topk_row over it. Either way the
+// (R, T, n) score matrix never exists.
 std::vector<at::Tensor> search_topk(const at::Tensor& queries, const at::Tensor& chunk_keys,
-                                    const at::Tensor& invalid, int64_t k, int64_t q_block) {
+                                    const at::Tensor& invalid, int64_t k, int64_t q_block,
+                                    bool screen) {
   TORCH_CHECK(queries.dim() == 3 && chunk_keys.dim() == 3 &&
                   queries.scalar_type() == at::kFloat && chunk_keys.scalar_type() == at::kFloat &&
                   queries.is_contiguous() && chunk_keys.is_contiguous(),
@@ -351,6 +652,31 @@ std::vector<at::Tensor> search_topk(const at::Tensor& queries, const at::Tensor&
   int64_t* ip = index.data_ptr<int64_t>();
   const bool* inv = masked ? invalid.data_ptr<bool>() : nullptr;
   const float ninf = -std::numeric_limits<float>::infinity();
+#if LONGMEM_SCREEN
+  if (screen && d >= 16 && d % 16 == 0 && d <= 512 && k <= 64 && screen_supported()) {
+    const float* qp = queries.data_ptr<float>();
+    const float* kp = chunk_keys.data_ptr<float>();
+    // one task per row, or per part of a row when rows are fewer than twice
+    // the threads (each part converts the row's keys again: parts of at
+    // least 4 tiles)
+    const int64_t tiles = (T + kLanes - 1) / kLanes;
+    const int64_t want = (2 * static_cast<int64_t>(at::get_num_threads()) + R - 1) / R;
+    const int64_t parts = std::max<int64_t>(1, std::min(want, tiles / 4));
+    const int64_t per = ((tiles + parts - 1) / parts) * kLanes;  // queries per part
+    at::parallel_for(0, R * parts, 1, [&](int64_t b, int64_t e) {
+      ScreenScratch s;
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t r = task / parts, t0 = (task % parts) * per;
+        const int64_t m = std::min(per, T - t0);
+        if (m <= 0) continue;
+        const int64_t o = r * T + t0;
+        screened_row(qp + o * d, kp + r * n * d, inv ? inv + r * n : nullptr, m, n, d, k,
+                     vp + o * k, ip + o * k, s);
+      }
+    });
+    return {values, index};
+  }
+#endif
   at::parallel_for(0, R * blocks, 1, [&](int64_t b, int64_t e) {
     auto buf = at::empty({bq, n}, queries.options());
     std::vector<float> gmax;
@@ -646,6 +972,8 @@ at::Tensor memory_attention_backward(const at::Tensor& grad_out, const at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "exact top-k of each row (rows, n) fp32");
   m.def("search_topk", &search_topk, "exact top-k chunks per query, scores never stored whole");
+  m.def("screen_supported", &screen_supported,
+        "whether this CPU runs the bf16-screened search (AVX-512 BF16)");
   m.def("memory_attention_forward", &memory_attention_forward,
         "attention over retrieved chunks read from the ring buffers");
   m.def("memory_attention_backward", &memory_attention_backward,

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_memory_ops.cpp"
 # bump when the kernels' interface changes (sources are also hashed by torch)
-VERSION = 1
+VERSION = 2
 
 _STATE: dict = {"module": None, "tried": False, "error": None}
 
@@ -121,16 +121,35 @@ def topk_rows(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, index
 
 
+def screen_enabled() -> bool:
+    """False when ``LONGMEM_BF16_SCREEN=0`` turns the bf16-screened search off."""
+    return os.environ.get("LONGMEM_BF16_SCREEN", "1").strip().lower() not in ("0", "false", "no")
+
+
+def screen_supported() -> bool:
+    """Whether :func:`search_topk` screens with bf16 on this CPU (AVX-512 BF16, and
+    the kernels available)."""
+    return available() and bool(load().screen_supported())
+
+
 def search_topk(
-    queries: Tensor, chunk_keys: Tensor, invalid: Tensor, k: int, q_block: int
+    queries: Tensor, chunk_keys: Tensor, invalid: Tensor, k: int, q_block: int,
+    screen: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` chunks per query. queries ``(rows, tgt_len, d)``, chunk_keys
     ``(rows, n, d)`` fp32; invalid ``(rows, n)`` bool (True: never chosen) or an
     empty tensor. Returns ``(values, index)`` ``(rows, tgt_len, k)`` by decreasing
     score (ties: lower index first; ``-inf`` for invalid chunks). The scores are
     computed ``q_block`` queries of a row at a time and never stored whole.
-    Requires :func:`available`."""
-    return load().search_topk(queries, chunk_keys, invalid, int(k), int(q_block))
+
+    ``screen`` (default: :func:`screen_enabled`): on a CPU with AVX-512 BF16,
+    screen every chunk with bf16 dot products (twice the fp32 rate) and score
+    in fp32 only the few that its error bound cannot rule out; the chunks
+    chosen are those of the fp32 search (head_dim a multiple of 16, k <= 64;
+    other shapes and CPUs take the fp32 path). Requires :func:`available`."""
+    if screen is None:
+        screen = screen_enabled()
+    return load().search_topk(queries, chunk_keys, invalid, int(k), int(q_block), bool(screen))
 
 
 def memory_attention_supported(q: Tensor, store_k: Tensor, store_v: Tensor) -> bool:

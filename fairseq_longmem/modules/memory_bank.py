@@ -249,7 +249,10 @@ def _topk_chunks_cpu(
 
     With the compiled kernels (:mod:`.cpu_kernels`), :func:`.cpu_kernels.search_topk`:
     one GEMM per (row, block of queries) into a buffer that stays in cache, and
-    an exact two-pass top-k over it (the same chunks, ties to the lower slot).
+    an exact two-pass top-k over it (the same chunks, ties to the lower slot);
+    on CPUs with AVX-512 BF16 the scores are screened in bf16 first and only
+    the chunks the screen's error bound cannot rule out are scored in fp32
+    (same chunks; ``LONGMEM_BF16_SCREEN=0`` turns the screen off).
     Otherwise a block is a few (stream, head) pairs x a range of queries, at most
     ``block_elements`` scores, in one buffer reused by every block; each block
     goes through the two-stage :func:`blocked_topk` straight into the output.
