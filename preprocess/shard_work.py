@@ -58,23 +58,31 @@ def set_progress(callback: Optional[Callable[[int, int], None]]) -> None:
 class LineSample:
     """Bottom-k sample of lines by random key under a character budget.
 
-    Keeps the lines with the smallest keys whose characters add up to at most
-    ``budget``: the same set whatever the order lines arrive in, so per-unit samples
-    merge into the corpus sample. Memory: O(budget).
+    Keeps the longest run of lines in key order (smallest keys first) whose
+    characters add up to at most ``budget``: the same set whatever the order
+    lines arrive in, so per-unit samples merge into the corpus sample, and
+    ``--workers 1`` and ``2`` train the same sentencepiece model. Once a line is
+    dropped for the budget, no line with a larger key can enter (``cutoff``):
+    without that rule a short line could fill the room a longer, earlier-keyed
+    line left, and the set depended on the order the units finished in.
+    Memory: O(budget).
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.chars = 0
+        self.cutoff = float("inf")  # smallest key dropped for the budget
         self._heap: List[Tuple[float, int, int, str]] = []  # (-key, unit, doc, line)
 
     def add(self, key: float, unit: int, doc: int, line: str) -> None:
-        if self.chars >= self.budget and self._heap and key > -self._heap[0][0]:
+        if key >= self.cutoff:
             return
         heapq.heappush(self._heap, (-key, unit, doc, line))
         self.chars += len(line)
         while self.chars > self.budget and self._heap:
-            self.chars -= len(heapq.heappop(self._heap)[3])
+            neg_key, _, _, dropped = heapq.heappop(self._heap)
+            self.chars -= len(dropped)
+            self.cutoff = min(self.cutoff, -neg_key)
 
     def entries(self) -> List[Tuple[float, int, int, str]]:
         """``(key, unit, doc, line)`` sorted by key."""

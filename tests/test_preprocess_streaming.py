@@ -295,3 +295,40 @@ def test_progress_bar_on_stderr(tmp_path, capsys):
     assert "scan" in err and "binarize" in err and "40/40" in err and "tok/s" in err
     prepare_corpus(corpus, tmp_path / "q", vocab_size=VOCAB, workers=1, progress=False)
     assert "tok/s" not in capsys.readouterr().err
+
+
+def test_line_sample_is_the_same_whatever_the_arrival_order():
+    # the sentencepiece sample must not depend on the order units finish in
+    # (--workers 2): a short line must not fill the room an earlier-keyed long
+    # line left (this made --workers 1 and 2 train different models under load)
+    from fairseq_longmem.preprocess.shard_work import LineSample
+
+    rng = random.Random(0)
+    lines = [(rng.random(), u, d, "x" * rng.randint(1, 40)) for u in range(4) for d in range(50)]
+    want = None
+    for trial in range(20):
+        order = lines[:]
+        rng.shuffle(order)
+        per_unit = []
+        for u in range(4):  # per-unit samples, merged in a random order, as prepare_corpus does
+            s = LineSample(500)
+            for e in order:
+                if e[1] == u:
+                    s.add(*e)
+            per_unit.append(s)
+        rng.shuffle(per_unit)
+        merged = LineSample(500)
+        for s in per_unit:
+            for e in s.entries():
+                merged.add(*e)
+        got = merged.entries()
+        # the longest run of lines in key order within the budget
+        ref, chars = [], 0
+        for e in sorted(lines):
+            if chars + len(e[3]) > 500:
+                break
+            ref.append(e)
+            chars += len(e[3])
+        assert got == ref, trial
+        want = want or got
+        assert got == want
