@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--gate-induction", type=float, default=0.7)
     p.add_argument("--gate-ratio", type=float, default=0.2)
     p.add_argument("--retrieval-layer-index", type=int, default=None, help="default: the last layer")
-    p.add_argument("--adapt-steps", type=int, default=600)
+    p.add_argument("--adapt-steps", type=int, default=3000,
+                   help="adaptation steps of LongMem and of the ablation (600 before 2026-12-01)")
     p.add_argument("--adapt-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="adaptation learning rate")
     p.add_argument("--train-memory-size", type=int, default=16384, help="memory while adapting")
