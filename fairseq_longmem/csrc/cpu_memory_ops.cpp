@@ -346,7 +346,7 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& scores, int64_t k) {
 
 // AVX-512 F/DQ/BW/VL and BF16 in the CPU (cpuid) and their registers enabled by
 // the OS (xgetbv: SSE, AVX, opmask and both halves of the zmm state)
-bool screen_supported() {
+static bool detect_screen_support() {
 #if LONGMEM_SCREEN
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
@@ -361,6 +361,12 @@ bool screen_supported() {
 #else
   return false;
 #endif
+}
+
+// asked once: under a hypervisor every cpuid is a VM exit, and search_topk asks per call
+bool screen_supported() {
+  static const bool supported = detect_screen_support();
+  return supported;
 }
 
 #if LONGMEM_SCREEN
