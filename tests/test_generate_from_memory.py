@@ -24,7 +24,7 @@ def test_greedy_continues_spans_held_only_in_memory(tmp_path):
          "--workdir", str(work), "--gate-induction", "0.8", "--backbone-max-steps", "3000",
          # the demo's former recipe, as measured below: no 16-symbol half, chunks of 4
          "--alphabet", "0", "--backbone-min-steps", "0", "--chunk-size", "4",
-         "--train-memory-size", "4096",
+         "--train-memory-size", "4096", "--eval-window", "64",
          "--test-docs", "4", "--max-eval-docs", "1", "--memory-size", "8192", "--threads", "2"],
         capture_output=True, text=True, timeout=2400,
     )

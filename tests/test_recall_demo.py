@@ -22,7 +22,7 @@ def test_recall_demo_tiny_and_cli(tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((work / "results.json").read_text())
     res = r["recall"]
-    assert res["window"] == 32 and res["memory_size"] == 1024 and res["edges"] == [32, 128, 1024]
+    assert res["window"] == 64 and res["memory_size"] == 1024 and res["edges"] == [64, 256, 1024]
     assert set(res["models"]) == {"backbone", "ablation", "longmem"}
     lm = res["models"]["longmem"]
     assert lm["memory"] and lm["memory_size"] == 1024  # evaluated with the larger memory

@@ -17,7 +17,7 @@ not retrieved (a search miss), retrieved with under half / at least half of
 the softmax, and by where the query and the right key sit in their segments
 (a key at a segment's first positions cannot carry the tokens before it).
 
-Usage: python examples/recall/read_probe.py W [--window 64] [--memory-size 65536] [--k 32]
+Usage: python examples/recall/read_probe.py W [--window 256] [--memory-size 65536] [--k 32]
 """
 
 import argparse
@@ -69,7 +69,8 @@ def read_probe(work: Path, window: int, memory_size: int, k: int, n: int = 8) ->
     from fairseq_longmem.eval.token_losses import stream_token_losses
 
     lm = load_for_eval(str(work / "longmem" / "checkpoint_last.pt"), data=str(work / "data-recall"),
-                       overrides={"memory_size": memory_size}, device="cpu")
+                       overrides={"memory_size": memory_size}, tokens_per_sample=window,
+                       device="cpu")
     stream = recall.load_stream(lm.task, "test", 1)
     length = int(stream.doc_lengths[0])
     dist, _ = recall.stream_distances(stream, n)
@@ -134,7 +135,8 @@ def read_probe(work: Path, window: int, memory_size: int, k: int, n: int = 8) ->
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir")
-    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--window", type=int, default=256,
+                   help="segment length of the stream evaluation (the demo's --eval-window)")
     p.add_argument("--memory-size", type=int, default=65536)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--n", type=int, default=8)

@@ -14,9 +14,11 @@ Steps (everything under --workdir, each visible as it runs):
      or --backbone-max-steps;
   3. stage 2: adapt LongMem (memory on) and the ablation (same side network,
      same backbone, same steps, no memory) on long-range repeats;
-  4. evaluate in stream order: recall by distance (fairseq_longmem.eval.recall)
-     with the memory at --memory-size (>= 65,536 tokens) for the backbone,
-     the ablation and LongMem; the second-reading probe.
+  4. evaluate in stream order on --eval-window-token segments (256; the
+     backbone pretrains and LongMem adapts on --window, 64: ALiBi
+     extrapolates): recall by distance (fairseq_longmem.eval.recall) with the
+     memory at --memory-size (>= 65,536 tokens) for the backbone, the
+     ablation and LongMem; the second-reading probe.
 Writes results.json (per-bucket accuracy per model, copy probe, second
 reading, targets, wall time), results.md and recall_by_distance.png.
 """
@@ -56,7 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--window", type=int, default=64, help="tokens per segment (local window)")
+    p.add_argument("--window", type=int, default=64,
+                   help="tokens per segment while the backbone pretrains and LongMem adapts")
+    p.add_argument("--eval-window", type=int, default=256,
+                   help="tokens per segment at evaluation (the local window of every model "
+                   "evaluated; ALiBi extrapolates past --window); the buckets follow it")
     p.add_argument("--backbone-lr", type=float, default=3e-3)
     p.add_argument("--backbone-batch", type=int, default=16)
     p.add_argument("--backbone-round", type=int, default=500, help="steps between copy probes")
@@ -86,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="seconds-scale smoke run (tests)")
     args = p.parse_args(argv)
     if args.tiny:
-        args.vocab, args.dim, args.heads, args.window = 16, 32, 2, 32
+        args.vocab, args.dim, args.heads, args.window, args.eval_window = 16, 32, 2, 32, 64
         args.backbone_round, args.backbone_max_steps, args.backbone_batch = 20, 20, 8
         args.backbone_min_steps = 0
         args.adapt_steps, args.adapt_batch = 6, 2
@@ -94,6 +100,8 @@ def parse_args(argv=None):
         args.span, args.probe_length, args.spm_vocab = 16, 128, 600
     if args.backbone_min_steps > args.backbone_max_steps:
         p.error("--backbone-min-steps must be at most --backbone-max-steps")
+    if args.eval_window < args.window:
+        p.error("--eval-window must be at least --window")
     if args.memory_size < args.train_memory_size:
         p.error("--memory-size must be at least --train-memory-size")
     if args.retrieval_layer_index is None:
@@ -157,13 +165,13 @@ def synthetic_corpus(args, work: Path):
         # test: one recurrence distance in each bucket of recall.py, and beyond the memory
         from fairseq_longmem.eval.recall import distance_edges
 
-        edges = distance_edges(W, M)
+        edges = distance_edges(args.eval_window, M)
         lows = [S] + edges[:-1]
         test_d = sorted({int(math.sqrt(lo * hi)) for lo, hi in zip(lows, edges) if hi > S}
                         | {M + 2 * W + M // 8})
         test_d = [max(d, S) for d in test_d]
         repeats = 6 if not args.tiny else 3
-        doc = max(test_d) + 3 * (repeats * S + 10 * pairs) + 4 * W  # room for the farthest ones
+        doc = max(test_d) + 3 * (repeats * S + 10 * pairs) + 4 * args.eval_window  # room for the farthest
         write_split(str(rc), "test", RecallCorpusConfig(
             docs=args.test_docs, doc_tokens=doc, distances=test_d, repeats=repeats,
             seed=2, **spans))
@@ -216,6 +224,7 @@ def train_backbone(args, data: Path, work: Path, probe_stream_fn):
              "--decoder-embed-dim", args.dim, "--decoder-ffn-embed-dim", 2 * args.dim,
              "--decoder-attention-heads", args.heads, "--dropout", 0.0,
              "--sample-break-mode", "none", "--tokens-per-sample", args.window,
+             "--max-target-positions", max(args.window, args.eval_window),
              "--batch-size", args.backbone_batch, "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
              "--lr", args.backbone_lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 30,
              "--clip-norm", 1.0, "--max-update", steps, "--save-dir", save, "--cpu",
@@ -294,14 +303,18 @@ def main(argv=None):
     print(f"    ablation: {ab_rec['steps']} steps in {ab_rec['wall_seconds']:.0f} s", flush=True)
     times["adapt_s"] = lm_rec["wall_seconds"] + ab_rec["wall_seconds"]
 
-    stage(f"4/4 evaluate: recall by distance (memory {args.memory_size} tokens), second reading")
+    stage(f"4/4 evaluate: recall by distance ({args.eval_window}-token segments, memory "
+          f"{args.memory_size} tokens), second reading")
     t = time.time()
     over = {"memory_size": args.memory_size}
+    ew = args.eval_window  # every model sees the same local window
     models = [
-        load_for_eval(str(bb), data=str(rc_data), tokens_per_sample=args.window, device="cpu",
+        load_for_eval(str(bb), data=str(rc_data), tokens_per_sample=ew, device="cpu",
                       name="backbone"),
-        load_for_eval(str(ab_ckpt), data=str(rc_data), device="cpu", name="ablation"),
-        load_for_eval(str(lm_ckpt), data=str(rc_data), overrides=over, device="cpu", name="longmem"),
+        load_for_eval(str(ab_ckpt), data=str(rc_data), tokens_per_sample=ew, device="cpu",
+                      name="ablation"),
+        load_for_eval(str(lm_ckpt), data=str(rc_data), overrides=over, tokens_per_sample=ew,
+                      device="cpu", name="longmem"),
     ]
     max_docs = args.max_eval_docs or None
     res = recall.evaluate(models, "test", n=args.n, memory_size=args.memory_size,
