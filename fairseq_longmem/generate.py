@@ -115,15 +115,21 @@ def memory_meta(lm, decoder, checkpoint: str) -> dict:
 
     meta = decoder.memory_identity("generate")
     meta.update(kind=lm.kind, tokens_per_sample=decoder.segment_length())
+    if decoder.segment_context_length():  # keys were written after a stream context
+        meta["backbone_context"] = decoder.segment_context_length()
     if lm.kind == "memtrm":  # its own (trained) weights wrote the memory
         meta["writer_checkpoint"] = file_digest(checkpoint)
     return meta
 
 
-def save_context(path: str, state, meta: dict, tail: List[int], n_tokens: int) -> None:
+def save_context(path: str, state, meta: dict, tail: List[int], n_tokens: int,
+                 before: List[int] = ()) -> None:
+    """The memory, the last (partial) segment ``tail`` and the ``before`` tokens
+    it is read after (``--backbone-context``)."""
     from .modules.memory_io import save_memory
 
-    save_memory(state.bank, path, dict(meta, tail=list(tail), context_tokens=n_tokens))
+    save_memory(state.bank, path, dict(meta, tail=list(tail), before=list(before),
+                                       context_tokens=n_tokens))
     logger.info("memory saved to %s (%d context tokens)", path, n_tokens)
 
 
@@ -143,12 +149,22 @@ def load_context(path: str, decoder, meta: dict, device):
         ) from None
     header = read_memory_header(path)
     tail = [int(t) for t in header["meta"].get("tail", [])]
+    before = [int(t) for t in header["meta"].get("before", [])]
+    saved_c = int(header["meta"].get("backbone_context", 0))
+    if saved_c != decoder.segment_context_length():
+        raise GenerateError(
+            f"--memory-path {path} was written with backbone_context={saved_c} but this model "
+            f"reads {decoder.segment_context_length()}: read the context again with this "
+            f"model (--context FILE --memory-path {path})"
+        )
     state = decoder.new_segment_cache(1, device)
     state.bank = bank
+    if before and state.context_size:
+        state.recent = torch.tensor([before[-state.context_size:]], device=device)
     with torch.no_grad():
         if tail:
             run_segments(state, torch.tensor([tail], device=device), decoder.segment_step,
-                         decoder.segment_memory_kv)
+                         decoder.segment_memory_kv, begin=decoder.begin_segment)
     state.consumed = 0
     logger.info("memory loaded from %s (%s context tokens)", path,
                 header["meta"].get("context_tokens"))
@@ -265,8 +281,10 @@ def run(args) -> List[str]:
                     progress.seconds, len(primed) / max(progress.seconds, 1e-9))
         if args.memory_path:
             T = decoder.segment_length()
-            tail = primed[((len(primed) - 1) // T) * T:]
-            save_context(args.memory_path, state, meta, tail, len(primed))
+            start = ((len(primed) - 1) // T) * T
+            before = primed[max(0, start - decoder.segment_context_length()):start]
+            save_context(args.memory_path, state, meta, primed[start:], len(primed),
+                         before if start and decoder.segment_context_length() else [])
     elif args.memory_path:
         state = load_context(args.memory_path, decoder, meta, device)
     else:

@@ -25,6 +25,9 @@ def ckpts(tiny_data, tiny_backbone, tmp_path_factory):
             if a != "--use-external-memory"]
     run_fairseq("train", ["--user-dir", PLUGIN_DIR] + args)
     out["ablation"] = root / "ablation" / "checkpoint_last.pt"
+    args = train_args(tiny_data, tiny_backbone, root / "ctx", steps=3) + ["--backbone-context", 5]
+    run_fairseq("train", ["--user-dir", PLUGIN_DIR] + args)
+    out["longmem_ctx"] = root / "ctx" / "checkpoint_last.pt"
     return out
 
 
@@ -67,6 +70,20 @@ def test_greedy_is_reproducible_and_memory_path_reuses_the_context(ckpts, contex
     assert out2 == out1
     rc, beam, err = gen(capsys, *base, "--context", context, "--beam", 3)
     assert rc == 0 and beam.strip(), err
+
+
+def test_backbone_context_survives_the_saved_memory(ckpts, context, tmp_path, capsys):
+    """--backbone-context: a saved context restores the tokens its last segment is
+    read after; a model reading another context refuses the file."""
+    mem = tmp_path / "ctx.mem"
+    base = ["--spm", "none", "--max-len", 12, "--prompt", "def"]
+    rc, out1, err = gen(capsys, "--path", ckpts["longmem_ctx"], *base, "--context", context,
+                        "--memory-path", mem)
+    assert rc == 0, err
+    rc, out2, err = gen(capsys, "--path", ckpts["longmem_ctx"], *base, "--memory-path", mem)
+    assert rc == 0 and out2 == out1, err
+    rc, _, err = gen(capsys, "--path", ckpts["longmem"], *base, "--memory-path", mem)
+    assert rc != 0 and "written with backbone_context=5 but this model reads 0" in err
 
 
 def test_sampling_is_deterministic_under_a_seed(ckpts, context, capsys):

@@ -25,6 +25,7 @@ def test_greedy_continues_spans_held_only_in_memory(tmp_path):
          # the demo's former recipe, as measured below: no 16-symbol half, chunks of 4
          "--alphabet", "0", "--backbone-min-steps", "0", "--chunk-size", "4",
          "--train-memory-size", "4096", "--eval-window", "64",
+         "--backbone-context", "0",
          "--test-docs", "4", "--max-eval-docs", "1", "--memory-size", "8192", "--threads", "2"],
         capture_output=True, text=True, timeout=2400,
     )

@@ -64,6 +64,18 @@ def longmem(tiny_backbone, tiny_data):
 
 
 @pytest.fixture(scope="module")
+def longmem_ctx(tiny_backbone, tiny_data):
+    """--backbone-context 5: the backbone reads each segment after the 5 tokens before it."""
+    return build_longmem(tiny_backbone, tiny_data, tokens_per_sample=T, backbone_context=5)[0]
+
+
+@pytest.fixture(scope="module")
+def longmem_ctx_long(tiny_backbone, tiny_data):
+    """A context longer than a segment (40 > 32)."""
+    return build_longmem(tiny_backbone, tiny_data, tokens_per_sample=T, backbone_context=40)[0]
+
+
+@pytest.fixture(scope="module")
 def memtrm(tiny_backbone, tiny_data):
     return build_memtrm(tiny_backbone, tiny_data, tokens_per_sample=T)[0]
 
@@ -79,7 +91,7 @@ def check_equal(model, length=5 * T + 11, starts=((0, 75), (0, 100))):
     return state, tokens, ds, ref
 
 
-@pytest.mark.parametrize("name", ["longmem", "memtrm"])
+@pytest.mark.parametrize("name", ["longmem", "memtrm", "longmem_ctx", "longmem_ctx_long"])
 def test_every_step_equals_full_forward(name, request):
     """Several window boundaries, a document reset mid-segment, memory full (eviction)."""
     model = request.getfixturevalue(name)
@@ -103,10 +115,22 @@ def test_memory_changes_the_logits(longmem):
     assert (with_mem[:, T:] - without[:, T:]).abs().max() > 1e-2
 
 
-def test_no_memory_ablation_equals_full_forward(tiny_backbone, tiny_data):
+@pytest.mark.parametrize("context", [0, 5])
+def test_no_memory_ablation_equals_full_forward(tiny_backbone, tiny_data, context):
     model = build_longmem(tiny_backbone, tiny_data, tokens_per_sample=T,
-                          use_external_memory=False)[0]
+                          use_external_memory=False, backbone_context=context)[0]
     check_equal(model, length=3 * T + 3, starts=((0,),))
+
+
+def test_backbone_context_changes_generation(longmem, longmem_ctx):
+    """The context equality is not vacuous: the same weights read each segment
+    alone give other logits from the second segment on."""
+    longmem_ctx.load_state_dict(longmem.state_dict())
+    tokens = random_history(len(longmem.decoder.dictionary), 1, 2 * T + 3)
+    alone, _ = step_logits(longmem.decoder, tokens)
+    after, _ = step_logits(longmem_ctx.decoder, tokens)
+    assert (alone[:, :T] - after[:, :T]).abs().max() < TOL
+    assert (alone[:, T:T + 2] - after[:, T:T + 2]).abs().max() > 1e-3
 
 
 def test_alibi_lm_every_step_equals_segment_forward(tiny_backbone, tiny_data):
@@ -125,9 +149,11 @@ def test_alibi_lm_every_step_equals_segment_forward(tiny_backbone, tiny_data):
     assert (got - ref).abs().max().item() <= TOL
 
 
-def test_pieces_and_read_context_equal_steps(longmem):
+@pytest.mark.parametrize("name", ["longmem", "longmem_ctx", "longmem_ctx_long"])
+def test_pieces_and_read_context_equal_steps(name, request):
     """Feeding several tokens per call, or reading a context batched over segments,
     leaves the same state as single steps."""
+    longmem = request.getfixturevalue(name)
     decoder = longmem.decoder
     tokens = random_history(len(decoder.dictionary), 1, 4 * T + 9, seed=3)
     ref = full_logits(longmem, tokens)
@@ -146,7 +172,7 @@ def test_pieces_and_read_context_equal_steps(longmem):
     assert (torch.cat([a, b], 1) - ref[:, : 3 * T + 2]).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("name", ["longmem", "memtrm"])
+@pytest.mark.parametrize("name", ["longmem", "memtrm", "longmem_ctx"])
 def test_reorder_includes_memory_rows(name, request):
     """Beam search's reorder (rows repeated and swapped) moves caches and memory rows."""
     model = request.getfixturevalue(name)

@@ -146,6 +146,7 @@ def test_segment_boundaries():
         ({"decoder_embed_dim": 128}, "side network width 128 differs"),
         ({"layer_reduction_factor": 3}, "does not divide"),
         ({"pretrained_model_path": "/nonexistent/ckpt.pt"}, "backbone checkpoint not found"),
+        ({"backbone_context": -1}, "--backbone-context must be >= 0"),
     ],
 )
 def test_bad_configuration(tiny_backbone, tiny_data, overrides, phrase):
@@ -207,32 +208,86 @@ def test_transformer_lm_backbone(tiny_data, tmp_path, caplog):
     logits = run(model, batches(task, n=3))
     assert all(torch.isfinite(x).all() for x in logits)
     assert model.decoder.memories["train"].fill().min() > 0
+    # learned positions: the context and a segment must fit the backbone's 64
+    with pytest.raises(BackboneError, match="exceeds the backbone's 64 learned positions; "
+                       "lower --backbone-context to 32"):
+        build_longmem(tmp_path / "checkpoint_last.pt", tiny_data, decoder_embed_dim=32,
+                      retrieval_layer_index=1, backbone_context=33)
+    model, task = build_longmem(tmp_path / "checkpoint_last.pt", tiny_data, decoder_embed_dim=32,
+                                retrieval_layer_index=1, backbone_context=32)
+    assert all(torch.isfinite(x).all() for x in run(model, batches(task, n=3)))
 
 
-def test_memory_dtype_auto_follows_autocast(tiny_backbone, tiny_data, monkeypatch):
-    """--memory-dtype auto stores what the model computes in: the parameters' dtype,
-    or autocast's under --amp (keys written in bf16 are kept in bf16, and the CUDA search
-    can use the fp16/bf16 kernel); an explicit dtype wins."""
-    from fairseq_longmem.modules.memory_spec import compute_dtype
+def _row_streams(samples):
+    """Per row, the tokens of consecutive segments laid end to end, ``(bsz, n * T)``."""
+    return torch.cat([s["net_input"]["src_tokens"] for s in samples], 1)
 
-    model, task = build_longmem(tiny_backbone, tiny_data)
-    samples = batches(task, n=2)
-    run(model, samples)
-    assert next(iter(model.decoder.memories.values())).dtype == torch.float32
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_backbone_context_reads_the_last_tokens_of_the_row_before_each_segment(
+        tiny_backbone, tiny_data, memory):
+    """--backbone-context C: the frozen backbone reads segment t after the row's C
+    tokens before it (none at the first segment): the keys written to memory are the
+    backbone's over the row's stream [a - C, a + T), cut to the segment."""
+    C, T = 5, 32
+    model, task = build_longmem(tiny_backbone, tiny_data, backbone_context=C,
+                                memory_gate_init=2.0, use_external_memory=memory)
+    samples = batches(task, n=4)
+    rows = _row_streams(samples)
     model.decoder.reset_memory()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for s in samples:
-            model(**s["net_input"])
-    bank = next(iter(model.decoder.memories.values()))
-    assert bank.dtype == torch.bfloat16 and bank.keys.dtype == torch.bfloat16
-    assert bank.fill().min() > 0  # written and read under autocast
-    assert compute_dtype(torch.float16, "cpu") == torch.float16  # half model: its own dtype
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert compute_dtype(torch.float32, "cpu") == torch.bfloat16
-        assert compute_dtype(torch.float32, None) == torch.bfloat16
-    assert compute_dtype(torch.float32, "cpu") == torch.float32
-    model.decoder.spec = model.decoder.spec.replace(dtype="fp32")
+    bb = model.decoder.backbone
+    for t, s in enumerate(samples):
+        with torch.no_grad():
+            logits, extra = model(**s["net_input"])
+            a = max(0, t * T - C)
+            hiddens, _, kv = decoder_forward(bb, rows[:, a:(t + 1) * T], kv_layer=3)
+            c = t * T - a
+            feats = model.decoder.side([h[:, c:] for h in hiddens], bb.attn_bias(T, "cpu"),
+                                       memory_reader=None)
+        if memory:
+            torch.testing.assert_close(extra["written"][0], kv[0][:, :, c:], rtol=0, atol=1e-6)
+            torch.testing.assert_close(extra["written"][1], kv[1][:, :, c:], rtol=0, atol=1e-6)
+        else:  # the ablation: exactly the side network over the backbone read with context
+            torch.testing.assert_close(logits, model.decoder.output_layer(feats), rtol=0,
+                                       atol=1e-5)
+    # a context of 0 (the paper): each segment alone
+    plain, _ = build_longmem(tiny_backbone, tiny_data, memory_gate_init=2.0,
+                             use_external_memory=memory)
+    plain.load_state_dict(model.state_dict())
+    got, ref = run(plain, samples), run(model, samples)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    assert not torch.allclose(got[1][:, :4], ref[1][:, :4], atol=1e-4)
+
+
+def test_backbone_context_is_causal_and_per_row(tiny_backbone, tiny_data):
+    """Without memory, segment t depends on the stream only through the C tokens
+    before it; a row's context is its own."""
+    C = 5
+    model, task = build_longmem(tiny_backbone, tiny_data, backbone_context=C,
+                                use_external_memory=False)
+    samples = batches(task, n=3)
+    base = run(model, samples)
+    early = copy.deepcopy(samples)  # tokens before the context of segment 2
+    early[1]["net_input"]["src_tokens"][:, : 32 - C] += 1
+    got = run(model, early)
+    torch.testing.assert_close(got[2], base[2], rtol=0, atol=0)
+    inside = copy.deepcopy(samples)  # the first of the context's tokens, row 1 only
+    inside[1]["net_input"]["src_tokens"][1, 32 - C] += 1
+    got = run(model, inside)
+    torch.testing.assert_close(got[2][[0, 2]], base[2][[0, 2]], rtol=0, atol=0)
+    assert not torch.allclose(got[2][1], base[2][1])
+    # a new pass (first_segment) or a document starting in every row at position 0: no context
+    fresh = copy.deepcopy(samples[2]["net_input"])
+    fresh["doc_start"][:, 0] = True
     model.decoder.reset_memory()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(**samples[0]["net_input"])
-    assert next(iter(model.decoder.memories.values())).dtype == torch.float32
+    with torch.no_grad():
+        alone = model(**fresh)[0]
+        run(model, samples[:2])
+        after = model(**fresh)[0]
+        run(model, samples[:2])
+        first = model(**dict(samples[2]["net_input"], first_segment=True))[0]
+        model.decoder.reset_memory()
+        reset = model(**samples[2]["net_input"])[0]
+    torch.testing.assert_close(after, alone, rtol=0, atol=0)
+    torch.testing.assert_close(first, reset, rtol=0, atol=0)
+    assert not torch.allclose(first, base[2])

@@ -10,6 +10,16 @@ from fairseq_longmem.eval import recall
 sys.path.insert(0, str(REPO_ROOT / "examples" / "recall"))
 import key_probe  # noqa: E402
 import read_probe  # noqa: E402
+import recall_demo  # noqa: E402
+
+
+def test_at_chance_is_a_binomial_test():
+    """"At chance" (the ablation's and beyond-memory targets): not significantly above
+    the uniform guess; a few lucky hits are chance, a copy rate is not."""
+    p = 1 / 512
+    assert recall_demo.at_chance(0.0, 312, p) and recall_demo.at_chance(3 / 312, 312, p)
+    assert not recall_demo.at_chance(5 / 312, 312, p)  # P(X >= 5) ~ 4e-4
+    assert not recall_demo.at_chance(0.5, 312, p) and not recall_demo.at_chance(0.0, 0, p)
 
 
 def test_recall_demo_tiny_and_cli(tmp_path, capsys):

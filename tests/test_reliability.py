@@ -14,11 +14,11 @@ from fairseq_longmem.eval.token_losses import document_stream
 from test_training import losses, out, train_args
 
 
-def _replay_case(tiny_backbone, tiny_data, T, doc_lengths, bsz, backend="torch"):
+def _replay_case(tiny_backbone, tiny_data, T, doc_lengths, bsz, backend="torch", **overrides):
     """Logits of every batch read straight through, and of each batch t > 0 read
     by a fresh task after a jump (the resume path: the task rebuilds the memory)."""
     model, task = build_longmem(tiny_backbone, tiny_data, tokens_per_sample=T,
-                                memory_gate_init=2.0, memory_backend=backend)
+                                memory_gate_init=2.0, memory_backend=backend, **overrides)
     g = torch.Generator().manual_seed(0)
     n_types = len(task.source_dictionary)
     docs = [torch.randint(4, n_types, (n,), generator=g).tolist() for n in doc_lengths]
@@ -48,6 +48,15 @@ def test_replay_rebuilds_memory_exactly(tiny_backbone, tiny_data, T, doc_lengths
     _replay_case(tiny_backbone, tiny_data, T, doc_lengths, bsz)
 
 
+@pytest.mark.parametrize("context,memory", [(5, True), (40, True), (5, False), (64, False)])
+def test_replay_restores_the_backbone_context_exactly(tiny_backbone, tiny_data, context, memory):
+    """--backbone-context: after a jump, the memory and the context the next segment
+    is read after are rebuilt as they were (a context longer than a segment too; and
+    for the no-memory ablation, which replays only the context)."""
+    _replay_case(tiny_backbone, tiny_data, 32, [2, 170, 9, 300], 2, backbone_context=context,
+                 use_external_memory=memory)
+
+
 def test_replay_rebuilds_faiss_flat_memory_exactly(tiny_backbone, tiny_data):
     _replay_case(tiny_backbone, tiny_data, 30, [7, 61, 3, 333], 2, backend="faiss-flat")
 
@@ -58,6 +67,11 @@ def test_replay_segments_cover_the_memory(tiny_backbone, tiny_data):
     assert model.decoder.replay_segments(30) == 3 + 1
     off, _ = build_longmem(tiny_backbone, tiny_data, use_external_memory=False)
     assert off.decoder.replay_segments(32) == 0
+    ctx, _ = build_longmem(tiny_backbone, tiny_data, backbone_context=40)
+    assert ctx.decoder.replay_segments(32) == 64 // 32 + 1 + 2
+    ctx_off, _ = build_longmem(tiny_backbone, tiny_data, backbone_context=5,
+                               use_external_memory=False)
+    assert ctx_off.decoder.replay_segments(32) == 1
 
 
 def _env():

@@ -15,7 +15,8 @@ of every retrieved token whose value token is the target; then the model's
 own top-1 (its stream evaluation) split by what the best head saw: right key
 not retrieved (a search miss), retrieved with under half / at least half of
 the softmax, and by where the query and the right key sit in their segments
-(a key at a segment's first positions cannot carry the tokens before it).
+(without ``--backbone-context``, a key or query at a segment's first two
+positions cannot carry the two tokens before it).
 
 Usage: python examples/recall/read_probe.py W [--window 256] [--memory-size 65536] [--k 32]
 """
@@ -35,19 +36,24 @@ if str(REPO) not in sys.path:
 def stream_qkv(decoder, inputs: torch.Tensor, window: int):
     """Per head: the side network's memory-layer queries and the backbone's
     retrieval-layer keys and values over ``inputs`` ``(N,)`` (N a multiple of
-    ``window``), segment by segment. Returns q, k, v ``(heads, N, d)``."""
-    from fairseq_longmem.modules.decoder_layer import (
-        decoder_attn_bias, decoder_forward, layer_forward, project_qkv)
+    ``window``), segment by segment, each read after the ``--backbone-context``
+    tokens before it as the model reads it. Returns q, k, v ``(heads, N, d)``."""
+    from fairseq_longmem.modules.decoder_layer import decoder_attn_bias, layer_forward, project_qkv
 
     side, m = decoder.side, decoder.side.memory_layer
     r = side.reduction
     segs = inputs.view(-1, window)
+    c = decoder.context_length()
     bias = decoder_attn_bias(decoder.backbone, window, "cpu")
+    pieces = [(0, 1)] if c else []  # segment 0 reads nothing before it
+    pieces += [(a, min(segs.size(0), a + 128)) for a in range(1 if c else 0, segs.size(0), 128)]
     qs, ks, vs = [], [], []
     with torch.no_grad():
-        for b in range(0, segs.size(0), 128):
-            hiddens, _, (k, v) = decoder_forward(decoder.backbone, segs[b:b + 128],
-                                                 kv_layer=decoder.retrieval_layer)
+        for a, b in pieces:
+            ctx = None
+            if c and a > 0:
+                ctx = torch.stack([inputs[max(0, i * window - c):i * window] for i in range(a, b)])
+            hiddens, (k, v) = decoder.backbone_forward(segs[a:b], ctx, kv=True)
             x = hiddens[0]
             for i, layer in enumerate(side.layers):
                 if i == m:
@@ -112,17 +118,17 @@ def read_probe(work: Path, window: int, memory_size: int, k: int, n: int = 8) ->
     out = {"targets": int(len(pos)), "top1": float(ok.mean()), "gate": gate.tolist(), "best_head": best,
            "heads": [{f: float(v[h].mean()) for f, v in rec.items()} for h in range(heads)]}
     got, share = rec["retrieved"].max(0).astype(bool), rec["share"][best]
+    clean = ((pos % window) >= 2) & ((right_at % window) >= 2)
     groups = {
         "right key retrieved by no head": ~got,
         f"retrieved, head {best} share < 0.5": got & (share < 0.5),
         f"retrieved, head {best} share >= 0.5": got & (share >= 0.5),
-        "query at segment position 0": (pos % window) == 0,
+        "query at segment position 0-1": (pos % window) < 2,
         "right key at segment position 0-1": (right_at % window) < 2,
-        "query at segment position >= 1, right key >= 2": ((pos % window) >= 1) & ((right_at % window) >= 2),
+        "query at segment position >= 2, right key >= 2": clean,
     }
-    clean = ((pos % window) >= 1) & ((right_at % window) >= 2)
     groups.update({
-        "clean (query >= 1, key >= 2): right key retrieved by no head": clean & ~got,
+        "clean (query >= 2, key >= 2): right key retrieved by no head": clean & ~got,
         f"clean: retrieved, head {best} share < 0.5": clean & got & (share < 0.5),
         f"clean: retrieved, head {best} share >= 0.5": clean & got & (share >= 0.5),
     })

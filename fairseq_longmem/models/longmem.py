@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 from fairseq.models import FairseqLanguageModel, register_model
+from fairseq.utils import safe_getattr
 from torch import Tensor
 
 from ..modules.aligned_linear import aligned_linear
@@ -38,6 +39,14 @@ class LongMemConfig(MemoryLMConfig):
     tune_lm_head: bool = field(
         default=False, metadata={"help": "train a copy of the output projection (else frozen)"}
     )
+    backbone_context: int = field(
+        default=0,
+        metadata={"help": "tokens of the stream before each segment that the frozen "
+                  "backbone also reads, as context only (nothing is predicted or written "
+                  "for them): the memory keys and side-network inputs at a segment's first "
+                  "positions then carry the tokens before them, as later positions' do "
+                  "(0: every segment alone, as in the paper)"},
+    )
 
 
 class LongMemDecoder(MemoryDecoder):
@@ -52,6 +61,7 @@ class LongMemDecoder(MemoryDecoder):
                 f"layers; use a divisor of {layers} (the paper uses 2)"
             )
         check_backbone_fit(cfg, backbone_decoder, "side network")
+        check_backbone_context(cfg, backbone_decoder)
         super().__init__(cfg, dictionary)
         self.backbone = backbone_decoder
         for p in self.backbone.parameters():
@@ -100,42 +110,96 @@ class LongMemDecoder(MemoryDecoder):
         dtype = next(self.backbone.parameters()).dtype  # the backbone writes memory
         return attn.num_heads, attn.head_dim, dtype, attn.dropout_module.p
 
-    def extract(self, tokens: Tensor, reader: Optional[JointMemoryReader]):
+    def context_length(self) -> int:
+        return int(safe_getattr(self.cfg, "backbone_context", 0) or 0)
+
+    def backbone_forward(self, tokens: Tensor, context: Optional[Tensor], kv: bool):
+        """The frozen backbone over ``[context, tokens]``, cut back to the positions
+        of ``tokens``: hiddens ``[h^0 .. h^L]`` ``(bsz, tgt_len, dim)`` and the
+        layer-m keys/values ``(bsz, heads, tgt_len, head_dim)`` (with ``kv``)."""
+        c = 0 if context is None else context.size(1)
+        seq = tokens if c == 0 else torch.cat([context.to(tokens), tokens], 1)
         with torch.no_grad():
-            hiddens, _, kv = decoder_forward(
-                self.backbone, tokens, kv_layer=self.retrieval_layer if reader else None
+            hiddens, _, layer_kv = decoder_forward(
+                self.backbone, seq, kv_layer=self.retrieval_layer if kv else None
             )
+        if c:
+            hiddens = [h[:, c:] for h in hiddens]
+            if layer_kv is not None:
+                layer_kv = (layer_kv[0][:, :, c:], layer_kv[1][:, :, c:])
+        return hiddens, layer_kv
+
+    def extract(self, tokens: Tensor, reader: Optional[JointMemoryReader],
+                context: Optional[Tensor] = None):
+        hiddens, kv = self.backbone_forward(tokens, context, kv=reader is not None)
         bias = decoder_attn_bias(self.backbone, tokens.size(1), tokens.device)
         return self.side(hiddens, bias, memory_reader=reader), kv, hiddens
 
-    def replay_keys(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+    def replay_keys(self, tokens: Tensor,
+                    context: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The frozen backbone's layer-m keys/values: the same now as when written."""
-        with torch.no_grad():
-            return decoder_forward(self.backbone, tokens, kv_layer=self.retrieval_layer)[2]
-
+        return self.backbone_forward(tokens, context, kv=True)[1]
 
     # ------------------------------------------------------------ generation
     def segment_stacks(self):
         return {"backbone": len(self.backbone.layers), "side": len(self.side.layers)}
 
+    def segment_context_length(self) -> int:
+        return self.context_length()
+
+    @torch.no_grad()
+    def begin_segment(self, state: SegmentCache, doc_start: Optional[Tensor]) -> None:
+        """--backbone-context: the backbone's caches start with the stream's last
+        tokens, read alone as :meth:`backbone_forward` reads them (none at the
+        first segment, or when every row starts a document here)."""
+        state.ctx_len = 0
+        ctx = state.recent
+        if ctx is not None and doc_start is not None and bool(doc_start.all()):
+            state.recent = ctx = None  # as in training: these rows start anew
+        if ctx is None:
+            return
+        decoder_step(self.backbone, ctx, 0, state.caches["backbone"])
+        state.ctx_len = ctx.size(1)
+
     def segment_step(self, tokens: Tensor, state: SegmentCache, query_mask: Optional[Tensor]):
         with torch.no_grad():
-            hiddens, _ = decoder_step(self.backbone, tokens, state.pos, state.caches["backbone"])
+            hiddens, _ = decoder_step(self.backbone, tokens, state.ctx_len + state.pos,
+                                      state.caches["backbone"])
         bias = piece_bias(self.backbone, state.pos, tokens.size(1), tokens.device)
         return self.side(hiddens, bias, memory_reader=self.generation_reader(state, query_mask),
                          caches=state.caches["side"], pos=state.pos)
 
     def segment_memory_kv(self, state: SegmentCache):
         cache = state.caches["backbone"][self.retrieval_layer]
-        return cache.k, cache.v
+        return cache.k[:, :, state.ctx_len:], cache.v[:, :, state.ctx_len:]
 
     @torch.no_grad()
-    def context_kv(self, segments: Tensor):
-        """The frozen backbone's layer-m keys/values of whole segments (layers past m
-        are not run): memory never depends on memory."""
-        caches = [LayerCache(segments.size(1)) for _ in range(self.retrieval_layer + 1)]
-        decoder_step(self.backbone, segments, 0, caches, upto=self.retrieval_layer + 1)
-        return caches[-1].k, caches[-1].v
+    def context_kv(self, segments: Tensor, before: Optional[Tensor] = None):
+        """The frozen backbone's layer-m keys/values of whole segments, each read
+        after its ``before`` tokens (layers past m are not run): memory never
+        depends on memory."""
+        seq = segments if before is None else torch.cat([before, segments], 1)
+        caches = [LayerCache(seq.size(1)) for _ in range(self.retrieval_layer + 1)]
+        decoder_step(self.backbone, seq, 0, caches, upto=self.retrieval_layer + 1)
+        c = seq.size(1) - segments.size(1)
+        return caches[-1].k[:, :, c:], caches[-1].v[:, :, c:]
+
+
+def check_backbone_context(cfg: LongMemConfig, decoder) -> None:
+    """--backbone-context: not negative, and, for a backbone with learned position
+    embeddings, the context and a segment within its positions."""
+    c = int(safe_getattr(cfg, "backbone_context", 0) or 0)
+    if c < 0:
+        raise BackboneError(f"--backbone-context must be >= 0 (tokens), got {c}")
+    tps = safe_getattr(cfg, "tokens_per_sample", None)
+    limit = decoder.max_positions()
+    if (c and isinstance(tps, int) and limit is not None and decoder.embed_positions is not None
+            and c + tps > limit):
+        raise BackboneError(
+            f"--backbone-context {c} + --tokens-per-sample {tps} exceeds the backbone's "
+            f"{limit} learned positions; lower --backbone-context to {max(0, limit - tps)} "
+            "or --tokens-per-sample"
+        )
 
 
 @register_model("longmem", dataclass=LongMemConfig)
@@ -151,11 +215,12 @@ class LongMemModel(FairseqLanguageModel):
         n_side = sum(p.numel() for p in decoder.side.parameters())
         logger.info(
             "LongMem: %d side layers over %d frozen backbone layers, memory %s "
-            "(layer %d, %d tokens, chunk %d, k %d, backend %s), %.2fM trainable parameters",
+            "(layer %d, %d tokens, chunk %d, k %d, backend %s), backbone context %d, "
+            "%.2fM trainable parameters",
             len(decoder.side.layers), len(backbone.decoder.layers),
             "ON" if cfg.use_external_memory else "OFF (pass --use-external-memory)",
             cfg.retrieval_layer_index, cfg.memory_size, cfg.chunk_size, cfg.k,
-            cfg.memory_backend, n_side / 1e6,
+            cfg.memory_backend, decoder.context_length(), n_side / 1e6,
         )
         return cls(decoder)
 

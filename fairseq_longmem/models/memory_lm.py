@@ -278,24 +278,62 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
         self.spec = MemorySpec.from_config(cfg)
         self.retrieval_layer = cfg.retrieval_layer_index
         self.memories: Dict[str, MemoryBank] = {}
+        self.contexts: Dict[str, Tensor] = {}  # per memory_key: (bsz, C) last tokens fed
 
     # ---------------------------------------------------------- subclass API
     def extract(
-        self, tokens: Tensor, reader: Optional[JointMemoryReader]
+        self, tokens: Tensor, reader: Optional[JointMemoryReader],
+        context: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], list]:
         """Features ``(bsz, tgt_len, dim)``, the memory layer's keys/values
         ``(bsz, heads, tgt_len, head_dim)`` each (None without memory) and the
-        inner states; the memory layer calls ``reader`` when it is given."""
+        inner states; the memory layer calls ``reader`` when it is given.
+        context ``(bsz, C)``: the stream's tokens before ``tokens``, read as
+        context only (:meth:`context_length` > 0; None at a stream's start)."""
         raise NotImplementedError
+
+    def context_length(self) -> int:
+        """Tokens before each segment that :meth:`extract` reads as context (0: none)."""
+        return 0
 
     def memory_layout(self) -> Tuple[int, int, torch.dtype, float]:
         """``(heads, head_dim, dtype, attention dropout)`` of the memory layer."""
         raise NotImplementedError
 
-    def replay_keys(self, tokens: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-        """The keys/values a past segment ``(bsz, tgt_len)`` wrote, recomputed now;
-        None where they cannot be (the writer has changed since)."""
+    def replay_keys(self, tokens: Tensor,
+                    context: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
+        """The keys/values a past segment ``(bsz, tgt_len)`` wrote (read after
+        ``context``, as :meth:`extract` read it), recomputed now; None where they
+        cannot be (the writer has changed since)."""
         return None
+
+    # ------------------------------------------------------- stream context
+    def stream_context(self, memory_key: str, tokens: Tensor, doc_start: Optional[Tensor],
+                       first_segment: bool) -> Optional[Tensor]:
+        """The context ``(bsz, C)`` the segment ``tokens`` is read after: the last
+        :meth:`context_length` tokens this stream fed before it. None at the first
+        segment of a pass, after a reset, when the batch size changed, or when
+        every row starts a document at the segment's first token (the stream task's
+        first batch; then, as at a stream's start, each row is read alone)."""
+        if self.context_length() == 0 or first_segment:
+            return None
+        ctx = self.contexts.get(memory_key)
+        if ctx is None or ctx.size(0) != tokens.size(0) or ctx.device != tokens.device:
+            return None
+        if doc_start is not None and bool(doc_start[:, 0].all()):
+            return None
+        return ctx
+
+    def remember_context(self, memory_key: str, context: Optional[Tensor],
+                         tokens: Tensor) -> None:
+        """Keep the last :meth:`context_length` tokens of ``[context, tokens]`` (all
+        of them while the stream is shorter) for the next segment of
+        ``memory_key``; rows ended by padding have no next segment to read them."""
+        n = self.context_length()
+        if n == 0:
+            return
+        seen = tokens if context is None else torch.cat([context, tokens], 1)
+        self.contexts[memory_key] = seen[:, -n:].detach()
 
     # -------------------------------------------------------------- forward
     def forward(
@@ -328,8 +366,10 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
             x = self.incremental_features(tokens, incremental_state, doc_start)
             extra = {"attn": [None], "inner_states": None, "memory_stats": {}}
             return (x, extra) if features_only else (self.output_layer(x), extra)
+        context = self.stream_context(memory_key, tokens, doc_start, first_segment)
         if not self.cfg.use_external_memory:
-            x, _, hiddens = self.extract(tokens, None)
+            x, _, hiddens = self.extract(tokens, None, context=context)
+            self.remember_context(memory_key, context, tokens)
             extra = {"inner_states": hiddens, "memory_stats": {}}
             return (x, extra) if features_only else (self.output_layer(x), extra)
         bank = self.memory_bank(memory_key, tokens)
@@ -343,7 +383,8 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
         plan = segment_boundaries(doc_start, tokens, self.dictionary.pad())
         reader = JointMemoryReader(bank, plan.query_mask, self.memory_gate, self.spec.k,
                                    self.memory_layout()[3], self.training)
-        x, (mem_k, mem_v), hiddens = self.extract(tokens, reader)
+        x, (mem_k, mem_v), hiddens = self.extract(tokens, reader, context=context)
+        self.remember_context(memory_key, context, tokens)
         mem_k, mem_v = mem_k.detach(), mem_v.detach()
         with torch.no_grad():
             write_segment(bank, plan, mem_k, mem_v)
@@ -375,8 +416,10 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
         """Forget every memory (or the one of ``memory_key``)."""
         if memory_key is None:
             self.memories.clear()
+            self.contexts.clear()
         else:
             self.memories.pop(memory_key, None)
+            self.contexts.pop(memory_key, None)
 
     def new_memory(self, bsz: int, device) -> MemoryBank:
         heads, head_dim, dtype, _ = self.memory_layout()
@@ -411,22 +454,32 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
         Returns False (memory left empty) when the model cannot recompute its keys.
         """
         self.reset_memory(memory_key)
-        if not self.cfg.use_external_memory or tokens.size(0) == 0:
+        if tokens.size(0) == 0:
+            return False
+        contexts = []  # the context each replayed segment was read after (none for the first)
+        for i, (seg, starts) in enumerate(zip(tokens, doc_start)):
+            ctx = self.stream_context(memory_key, seg, starts, first_segment=(i == 0))
+            contexts.append(ctx)
+            self.remember_context(memory_key, ctx, seg)
+        if not self.cfg.use_external_memory:
             return False
         if self.replay_keys(tokens[0]) is None:
             return False
         bank = self.memories[memory_key] = self.new_memory(tokens.size(1), tokens.device)
         bank.skip(offset.to(bank.device))
-        for seg, starts in zip(tokens, doc_start):
-            k, v = self.replay_keys(seg)
+        for seg, starts, ctx in zip(tokens, doc_start, contexts):
+            k, v = self.replay_keys(seg, ctx)
             write_segment(bank, segment_boundaries(starts, seg, self.dictionary.pad()), k, v)
         return True
 
     def replay_segments(self, tokens_per_sample: int) -> int:
-        """Segments to replay on resume (0: this model's memory is not rebuilt)."""
+        """Segments to replay on resume (0: nothing to rebuild). With a stream
+        context, enough more that the oldest replayed segment (read without its
+        own context) is evicted, and its last tokens become the next context."""
+        ctx = -(-self.context_length() // tokens_per_sample)
         if not self.cfg.use_external_memory:
-            return 0
-        return replay_segments_needed(self.spec.memory_size, tokens_per_sample)
+            return ctx
+        return replay_segments_needed(self.spec.memory_size, tokens_per_sample) + ctx
 
     # -------------------------------------------------------- saved memories
     def memory_identity(self, memory_key: str, bank: Optional[MemoryBank] = None) -> dict:

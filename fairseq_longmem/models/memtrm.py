@@ -86,7 +86,8 @@ class MemTRMDecoder(MemoryDecoder):
         dtype = self.net.embed_tokens.weight.dtype
         return attn.num_heads, attn.head_dim, dtype, attn.dropout_module.p
 
-    def extract(self, tokens: Tensor, reader: Optional[JointMemoryReader]):
+    def extract(self, tokens: Tensor, reader: Optional[JointMemoryReader],
+                context: Optional[Tensor] = None):
         net, m = self.net, self.retrieval_layer
         x = embed(net, tokens)
         bias = decoder_attn_bias(net, tokens.size(1), tokens.device)
@@ -122,7 +123,7 @@ class MemTRMDecoder(MemoryDecoder):
         return cache.k, cache.v
 
     @torch.no_grad()
-    def context_kv(self, segments: Tensor):
+    def context_kv(self, segments: Tensor, before: Optional[Tensor] = None):
         """Layer m's own keys/values of whole segments: they come from the layers
         below m, which read no memory, so segments are computed together."""
         caches = [LayerCache(segments.size(1)) for _ in range(self.retrieval_layer + 1)]

@@ -42,9 +42,13 @@ class LayerCache:
         the keys/values ``[0, pos + n)`` of the segment."""
         n = k.size(2)
         if self.k is None or self.k.shape[:2] != k.shape[:2] or self.k.dtype != k.dtype:
-            shape = (k.size(0), k.size(1), self.seg_len, k.size(3))
+            shape = (k.size(0), k.size(1), max(self.seg_len, pos + n), k.size(3))
             self.k = k.new_zeros(shape)
             self.v = v.new_zeros(shape)
+        elif pos + n > self.k.size(2):  # a context before the segment: room for it too
+            grow = pos + n - self.k.size(2)
+            self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:2], grow, self.k.size(3))], 2)
+            self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:2], grow, self.v.size(3))], 2)
         self.k[:, :, pos : pos + n] = k
         self.v[:, :, pos : pos + n] = v
         return self.k[:, :, : pos + n], self.v[:, :, : pos + n]
@@ -81,8 +85,13 @@ class SegmentCache:
     """
 
     def __init__(self, seg_len: int, stacks: Dict[str, int], bank: Optional[MemoryBank] = None,
-                 spec=None):
+                 spec=None, context_size: int = 0):
         self.seg_len = seg_len
+        # --backbone-context: the last context_size tokens fed (bsz, <= context_size), and
+        # how many of them the current segment's caches hold before its first token
+        self.context_size = context_size
+        self.recent: Optional[Tensor] = None
+        self.ctx_len = 0
         self.caches: Dict[str, List[LayerCache]] = {
             name: [LayerCache(seg_len) for _ in range(n)] for name, n in stacks.items()
         }
@@ -111,6 +120,8 @@ class SegmentCache:
         if self.doc_seen is not None:
             out.doc_seen = self.doc_seen.index_select(0, order.to(self.doc_seen.device))
             out.last_start = self.last_start.index_select(0, order.to(self.last_start.device))
+        if self.recent is not None:
+            out.recent = self.recent.index_select(0, order.to(self.recent.device))
         if self.bank is not None:
             if copy_bank:
                 out.bank = clone_bank(self.bank, self.spec, order)
@@ -154,18 +165,26 @@ def flush_segment(state: SegmentCache, memory_kv: Optional[MemoryKV]) -> None:
         state.bank.reset(state.doc_seen)
         state.bank.write(k, v, start=state.last_start, end=end)
     state.pos = 0
+    state.ctx_len = 0
     state.doc_seen.zero_()
     state.last_start.zero_()
 
 
+# a model's segment start: (state, doc_start of the segment's first token (bsz,) or None)
+BeginFn = Callable[[SegmentCache, Optional[Tensor]], None]
+
+
 def run_segments(state: SegmentCache, tokens: Tensor, step: StepFn,
                  memory_kv: Optional[MemoryKV] = None,
-                 doc_start: Optional[Tensor] = None) -> Tensor:
+                 doc_start: Optional[Tensor] = None,
+                 begin: Optional[BeginFn] = None) -> Tensor:
     """Feed ``tokens`` ``(bsz, n)`` (and their ``doc_start`` flags) through ``step``
     piece by piece, never across a segment boundary; returns features ``(bsz, n, dim)``.
 
     A query may read memory unless a document started at or before it in its
-    segment (the training protocol's ``query_mask``).
+    segment (the training protocol's ``query_mask``). ``begin`` runs before a
+    segment's first token (LongMem: the backbone reads the stream context before
+    it); ``state.recent`` keeps the last ``state.context_size`` tokens fed.
     """
     bsz, n = tokens.shape
     state._rows(bsz, tokens.device)
@@ -174,8 +193,13 @@ def run_segments(state: SegmentCache, tokens: Tensor, step: StepFn,
     while a < n:
         if state.pos == state.seg_len:
             flush_segment(state, memory_kv)
+        if state.pos == 0 and begin is not None:
+            begin(state, doc_start[:, a] if doc_start is not None else None)
         b = min(n, a + state.seg_len - state.pos)
         piece = tokens[:, a:b]
+        if state.context_size:
+            seen = piece if state.recent is None else torch.cat([state.recent, piece], 1)
+            state.recent = seen[:, -state.context_size:]
         query_mask = None
         if state.bank is not None:
             if doc_start is not None:
@@ -276,16 +300,27 @@ class SegmentDecoding:
     def segment_memory_kv(self, state: SegmentCache) -> Optional[Tuple[Tensor, Tensor]]:
         return None
 
-    def context_kv(self, segments: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    def context_kv(self, segments: Tensor,
+                   before: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
         """Memory-layer keys/values ``(n_seg, heads, T, d)`` of whole segments
-        ``(n_seg, T)``, computed independently of memory (None: not possible)."""
+        ``(n_seg, T)``, each read after its ``before`` tokens ``(n_seg, C)`` (the
+        stream context, :meth:`segment_context_length`), computed independently of
+        memory (None: not possible)."""
         return None
+
+    def segment_context_length(self) -> int:
+        """Stream tokens before a segment that the model reads as context (0: none)."""
+        return 0
+
+    def begin_segment(self, state: SegmentCache, doc_start: Optional[Tensor]) -> None:
+        """Called before a segment's first token (doc_start ``(bsz,)``: flags of
+        that token); a model with a stream context reads it here."""
 
     # --------------------------------------------------------------- protocol
     def new_segment_cache(self, bsz: int, device) -> SegmentCache:
         bank = self.new_generation_memory(bsz, device)
         state = SegmentCache(self.segment_length(), self.segment_stacks(), bank,
-                             getattr(self, "spec", None))
+                             getattr(self, "spec", None), self.segment_context_length())
         state._rows(bsz, device)
         return state
 
@@ -315,7 +350,8 @@ class SegmentDecoding:
             )
         if doc_start is not None:
             doc_start = doc_start[:, state.consumed:]
-        feats = run_segments(state, new, self.segment_step, self.segment_memory_kv, doc_start)
+        feats = run_segments(state, new, self.segment_step, self.segment_memory_kv, doc_start,
+                             self.begin_segment)
         state.consumed = length
         self.set_incremental_state(incremental_state, self.STATE_KEY, state)
         return feats
@@ -347,24 +383,36 @@ class SegmentDecoding:
             return state
         T = state.seg_len
         n_full = (n - 1) // T  # complete segments followed by more tokens
+        C = state.context_size
         done = 0
         if n_full and state.bank is not None:
-            for a in range(0, n_full, batch_segments):
-                b = min(n_full, a + batch_segments)
+            # batches of segments with a whole context each (C tokens before them; none
+            # before the first); the first segments of a context longer than T, alone
+            cuts = sorted({0, n_full} | {i for i in range(1, min(n_full, -(-C // T) + 1))}
+                          | set(range(0, n_full, batch_segments)))
+            for a, b in zip(cuts[:-1], cuts[1:]):
                 segs = ids[0, a * T : b * T].view(b - a, T)
-                kv = self.context_kv(segs)
+                before = None
+                if C and a > 0:
+                    before = torch.stack([ids[0, max(0, i * T - C) : i * T] for i in range(a, b)])
+                kv = self.context_kv(segs, before)
                 if kv is None:
+                    if C and a > 0:
+                        state.recent = ids[:, max(0, a * T - C) : a * T]
                     run_segments(state, segs.reshape(1, -1), self.segment_step,
-                                 self.segment_memory_kv)
+                                 self.segment_memory_kv, begin=self.begin_segment)
+                    if state.pos == T:  # leave no segment cached before the next batch
+                        flush_segment(state, self.segment_memory_kv)
                 else:
                     for i in range(b - a):
                         state.bank.write(kv[0][i : i + 1], kv[1][i : i + 1])
                 done = b * T
                 if progress is not None:
                     progress(done)
-            if state.pos == T:  # the sequential fallback left its last segment cached
-                flush_segment(state, self.segment_memory_kv)
-        run_segments(state, ids[:, n_full * T :], self.segment_step, self.segment_memory_kv)
+        if C and n_full:  # what the last segment is read after
+            state.recent = ids[:, max(0, n_full * T - C) : n_full * T]
+        run_segments(state, ids[:, n_full * T :], self.segment_step, self.segment_memory_kv,
+                     begin=self.begin_segment)
         state.consumed = 0
         if progress is not None:
             progress(n)
