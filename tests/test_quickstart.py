@@ -27,3 +27,20 @@ def test_quickstart_tiny(tmp_path):
     assert r["longmem_ppl"] != r["longmem_no_memory_ppl"]
     assert (work / "loss_vs_position.png").stat().st_size > 10_000
     assert "| (iv) LongMem |" in proc.stdout
+
+    # the copy-curriculum variant on the same work directory: a backbone pretrained on the
+    # quickstart's text mixed with copy documents, then the same adaptation and evaluation
+    sys.path.insert(0, str(REPO_ROOT / "examples" / "quickstart"))
+    import copy_curriculum
+
+    cc = copy_curriculum.main(["--quickstart", str(work), "--workdir", str(tmp_path / "cc"),
+                               "--steps", "4", "--threads", "1"])
+    assert cc["data"]["copy_tokens"] >= cc["data"]["natural_tokens"] > 1000
+    assert set(cc["recall"]["models"]) == {"backbone", "ablation", "longmem"}
+    assert cc["longmem_ppl"] > 1.0 and cc["ablation_ppl"] > 1.0
+    assert abs(cc["memory_gain_pct"]) < 100 and 0.0 <= cc["copy_probe"]["induction_max"] <= 1.0
+    assert json.loads((tmp_path / "cc" / "results.json").read_text())["config"]["steps"] == 4
+    missing = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "quickstart" / "copy_curriculum.py"),
+                              "--quickstart", str(tmp_path / "none"), "--workdir", str(tmp_path / "x")],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "run the quickstart with --workdir" in missing.stderr
