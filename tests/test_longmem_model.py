@@ -266,6 +266,8 @@ def test_backbone_context_is_causal_and_per_row(tiny_backbone, tiny_data):
     model, task = build_longmem(tiny_backbone, tiny_data, backbone_context=C,
                                 use_external_memory=False)
     samples = batches(task, n=3)
+    # the collater says on the host whether every row restarts (no device sync per step)
+    assert [s["net_input"]["rows_restart"] for s in samples] == [True, False, False]
     base = run(model, samples)
     early = copy.deepcopy(samples)  # tokens before the context of segment 2
     early[1]["net_input"]["src_tokens"][:, : 32 - C] += 1
@@ -279,6 +281,7 @@ def test_backbone_context_is_causal_and_per_row(tiny_backbone, tiny_data):
     # a new pass (first_segment) or a document starting in every row at position 0: no context
     fresh = copy.deepcopy(samples[2]["net_input"])
     fresh["doc_start"][:, 0] = True
+    del fresh["rows_restart"]  # read from doc_start when the caller does not say
     model.decoder.reset_memory()
     with torch.no_grad():
         alone = model(**fresh)[0]

@@ -330,6 +330,8 @@ class StreamBatches(torch.utils.data.Dataset):
             "src_lengths": lengths,
             "doc_start": item["doc_start"],
             "memory_key": self.memory_key,
+            # every row starts a document here: the backbone context (if any) is dropped
+            "rows_restart": bool(item["doc_start"][:, 0].all()),
         }
         if item["id"] == 0:
             net_input["first_segment"] = True

@@ -309,20 +309,24 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
 
     # ------------------------------------------------------- stream context
     def stream_context(self, memory_key: str, tokens: Tensor, doc_start: Optional[Tensor],
-                       first_segment: bool) -> Optional[Tensor]:
+                       first_segment: bool,
+                       rows_restart: Optional[bool] = None) -> Optional[Tensor]:
         """The context ``(bsz, C)`` the segment ``tokens`` is read after: the last
         :meth:`context_length` tokens this stream fed before it. None at the first
         segment of a pass, after a reset, when the batch size changed, or when
         every row starts a document at the segment's first token (the stream task's
-        first batch; then, as at a stream's start, each row is read alone)."""
+        first batch; then, as at a stream's start, each row is read alone).
+        rows_restart: that last condition, known on the host (the stream task's
+        collater says it, so that a training step needs no device sync); None:
+        read from ``doc_start``."""
         if self.context_length() == 0 or first_segment:
             return None
         ctx = self.contexts.get(memory_key)
         if ctx is None or ctx.size(0) != tokens.size(0) or ctx.device != tokens.device:
             return None
-        if doc_start is not None and bool(doc_start[:, 0].all()):
-            return None
-        return ctx
+        if rows_restart is None:
+            rows_restart = doc_start is not None and bool(doc_start[:, 0].all())
+        return None if rows_restart else ctx
 
     def remember_context(self, memory_key: str, context: Optional[Tensor],
                          tokens: Tensor) -> None:
@@ -345,6 +349,7 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
         features_only: bool = False,
         first_segment: bool = False,
         last_segment: bool = False,
+        rows_restart: Optional[bool] = None,
         incremental_state: Optional[dict] = None,
         **unused,
     ):
@@ -366,7 +371,7 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
             x = self.incremental_features(tokens, incremental_state, doc_start)
             extra = {"attn": [None], "inner_states": None, "memory_stats": {}}
             return (x, extra) if features_only else (self.output_layer(x), extra)
-        context = self.stream_context(memory_key, tokens, doc_start, first_segment)
+        context = self.stream_context(memory_key, tokens, doc_start, first_segment, rows_restart)
         if not self.cfg.use_external_memory:
             x, _, hiddens = self.extract(tokens, None, context=context)
             self.remember_context(memory_key, context, tokens)
@@ -457,8 +462,10 @@ class MemoryDecoder(SegmentDecoding, FairseqIncrementalDecoder):
         if tokens.size(0) == 0:
             return False
         contexts = []  # the context each replayed segment was read after (none for the first)
+        restarts = doc_start[:, :, 0].all(1).tolist() if self.context_length() else []
         for i, (seg, starts) in enumerate(zip(tokens, doc_start)):
-            ctx = self.stream_context(memory_key, seg, starts, first_segment=(i == 0))
+            ctx = self.stream_context(memory_key, seg, starts, first_segment=(i == 0),
+                                      rows_restart=restarts[i] if restarts else None)
             contexts.append(ctx)
             self.remember_context(memory_key, ctx, seg)
         if not self.cfg.use_external_memory:

@@ -401,7 +401,7 @@ def accept_stream_inputs(model):
     inner = model.forward
 
     def forward(src_tokens, src_lengths=None, doc_start=None, memory_key=None,
-                first_segment=None, last_segment=None, **kwargs):
+                first_segment=None, last_segment=None, rows_restart=None, **kwargs):
         return inner(src_tokens, src_lengths=src_lengths, **kwargs)
 
     model.forward = forward
